@@ -1,0 +1,41 @@
+"""Where a site's own data comes from.
+
+A deployed SuperNode is started with `--node-config 'site="NAME" data-path="FILE"'`. A simulated
+site is a virtual SuperNode with a `partition-id`; the simulation wrote its data to
+`<sites-dir>/site-<id>.npz`, whose path arrives in the round config. Either way the site reads one
+MedMNIST-layout file with train/val/test splits, and nothing in it ever leaves the process.
+"""
+
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+
+from medfed.common.dataset import SPLITS, LabelledImages, load_splits
+
+
+def simulated_site_name(partition_id: int) -> str:
+    return f"site-{partition_id}"
+
+
+def locate_site(node_config: dict, round_config: dict) -> tuple[str, Path]:
+    """(site name, data file) for this node."""
+    if "data-path" in node_config:
+        path = Path(str(node_config["data-path"]))
+        return str(node_config.get("site", path.stem)), path
+    if "partition-id" in node_config and "sites-dir" in round_config:
+        name = simulated_site_name(int(node_config["partition-id"]))
+        return name, Path(str(round_config["sites-dir"])) / f"{name}.npz"
+    raise ValueError(
+        "this SuperNode has no data: start it with --node-config "
+        "'site=\"NAME\" data-path=\"/path/to/site.npz\"'"
+    )
+
+
+@functools.lru_cache(maxsize=4)
+def load_site(path: Path) -> dict[str, LabelledImages]:
+    splits = load_splits(path)
+    missing = [s for s in SPLITS if s not in splits]
+    if missing:
+        raise ValueError(f"{path} has no {', '.join(missing)} split(s); a site needs train, val and test")
+    return splits

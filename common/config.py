@@ -1,0 +1,277 @@
+"""The one typed medfed configuration: every default lives here.
+
+Precedence, lowest first: these defaults, a YAML file (`--config`), CLI options, `--set key=value`.
+The resolved config is validated once (`validate`) and then travels unchanged: to the
+server app directly, and to every site as JSON inside each round's ConfigRecord, so
+simulation and deployment configure sites the same way.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from medfed.common.errors import MedfedError
+
+STRATEGIES = ("fedavg", "fedprox", "fedadam", "fedyogi", "fedmedian", "fedtrimmedavg")
+PARTITIONS = ("iid", "dirichlet", "quantity", "pathological")
+OPTIMIZERS = ("adam", "sgd")
+BN_POLICIES = ("avg", "local")
+DEVICES = ("auto", "cpu", "cuda")
+MEDMNIST_RESOLUTIONS = (28, 64, 128, 224)
+
+
+@dataclass
+class DataConfig:
+    dataset: str = "pneumoniamnist"
+    # Which MedMNIST file to read: 28 -> {dataset}.npz, otherwise {dataset}_{resolution}.npz.
+    resolution: int = 28
+    # None: $MEDFED_DATA_DIR, else the user cache directory (see common.medmnist).
+    data_dir: str | None = None
+    # Model input side in pixels; images are resized to it.
+    image_size: int = 64
+    augment: bool = True
+
+
+@dataclass
+class PartitionConfig:
+    scheme: str = "dirichlet"
+    sites: int = 5
+    # Dirichlet concentration: label skew for `dirichlet`, size skew for `quantity`. Smaller = more skew.
+    alpha: float = 0.5
+    # Classes each site holds under `pathological`.
+    labels_per_site: int = 1
+    # A site with fewer examples than this (before its 70/15/15 split) refuses the run.
+    min_examples: int = 40
+
+
+@dataclass
+class ModelConfig:
+    backbone: str = "tf_efficientnet_lite0"
+    # "imagenet", "none" (from scratch) or a path to a local checkpoint.
+    weights: str = "imagenet"
+    # Stem plus the first N stages are frozen; "all" trains the head only; "0" fine-tunes everything.
+    freeze: str = "3"
+    # BatchNorm of the trainable part: "avg" sends its statistics to be averaged, "local" keeps
+    # BatchNorm weights and statistics at each site (FedBN).
+    bn: str = "avg"
+
+
+@dataclass
+class TrainConfig:
+    optimizer: str = "adam"
+    lr: float = 1e-4
+    batch_size: int = 32
+    local_epochs: int = 1
+    weight_decay: float = 0.0
+    device: str = "auto"
+
+
+@dataclass
+class FederationConfig:
+    strategy: str = "fedavg"
+    rounds: int = 10
+    # FedProx proximal weight.
+    mu: float = 0.01
+    # Server learning rate of FedAdam/FedYogi.
+    server_lr: float = 0.01
+    # Fraction cut from each end by FedTrimmedAvg.
+    trim_fraction: float = 0.2
+    fraction_train: float = 1.0
+    # Early stopping on the aggregated validation loss; 0 disables it.
+    patience: int = 5
+    # Learning-rate reduction on plateau of the same loss.
+    lr_patience: int = 2
+    lr_factor: float = 0.5
+    min_lr: float = 1e-6
+    # Seconds the server waits for the sites' replies in one round.
+    round_timeout: float = 3600.0
+
+
+@dataclass
+class SimulationConfig:
+    # CPU cores given to each virtual site; 2 cores and 1 per site run two sites at a time.
+    cpus_per_site: float = 1.0
+    gpus_per_site: float = 0.0
+
+
+@dataclass
+class Config:
+    data: DataConfig = field(default_factory=DataConfig)
+    partition: PartitionConfig = field(default_factory=PartitionConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    federation: FederationConfig = field(default_factory=FederationConfig)
+    simulation: SimulationConfig = field(default_factory=SimulationConfig)
+    seed: int = 0
+    # Run directory; None picks runs/<dataset>-<strategy>-<time>.
+    out: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> Config:
+        return from_dict(json.loads(text))
+
+
+def _sections() -> dict[str, type]:
+    hints = typing.get_type_hints(Config)
+    return {f.name: hints[f.name] for f in dataclasses.fields(Config)}
+
+
+def _coerce(key: str, value: Any, hint: Any) -> Any:
+    """Convert a YAML/CLI value to the field's declared type or say what was expected."""
+    allowed = [a for a in typing.get_args(hint)] or [hint]
+    if value is None and type(None) in allowed:
+        return None
+    for kind in allowed:
+        if kind is bool and isinstance(value, bool):
+            return value
+        if kind is int and isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if kind is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if kind is str and isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            return str(value)
+    names = " or ".join("null" if a is type(None) else a.__name__ for a in allowed)
+    raise MedfedError(f"config key '{key}' has value {value!r}; expected {names}")
+
+
+def from_dict(raw: dict[str, Any], *, origin: str = "config") -> Config:
+    """Build a Config from a nested dict, refusing unknown keys by name."""
+    if not isinstance(raw, dict):
+        raise MedfedError(f"{origin} must be a mapping of sections, got {type(raw).__name__}")
+    config = Config()
+    sections = _sections()
+    for name, value in raw.items():
+        if name not in sections:
+            raise MedfedError(
+                f"{origin}: unknown key '{name}'; allowed top-level keys: {', '.join(sections)}"
+            )
+        hint = sections[name]
+        if dataclasses.is_dataclass(hint):
+            if not isinstance(value, dict):
+                raise MedfedError(f"{origin}: '{name}' must be a mapping, got {value!r}")
+            for key, item in value.items():
+                set_value(config, f"{name}.{key}", item, origin=origin)
+        else:
+            set_value(config, name, value, origin=origin)
+    return config
+
+
+def set_value(config: Config, dotted: str, value: Any, *, origin: str = "--set") -> None:
+    """Set one `section.key` (or top-level key) with type checking."""
+    parts = dotted.split(".")
+    sections = _sections()
+    if parts[0] not in sections:
+        raise MedfedError(
+            f"{origin}: unknown key '{dotted}'; allowed top-level keys: {', '.join(sections)}"
+        )
+    hint = sections[parts[0]]
+    if dataclasses.is_dataclass(hint):
+        section = getattr(config, parts[0])
+        hints = typing.get_type_hints(hint)
+        if len(parts) != 2 or parts[1] not in hints:
+            raise MedfedError(
+                f"{origin}: unknown key '{dotted}'; keys in '{parts[0]}': "
+                + ", ".join(f"{parts[0]}.{k}" for k in hints)
+            )
+        setattr(section, parts[1], _coerce(dotted, value, hints[parts[1]]))
+    else:
+        if len(parts) != 1:
+            raise MedfedError(f"{origin}: unknown key '{dotted}'")
+        setattr(config, dotted, _coerce(dotted, value, hint))
+
+
+def parse_assignment(text: str) -> tuple[str, Any]:
+    """`federation.rounds=20` -> ("federation.rounds", 20); values are read as YAML scalars."""
+    key, sep, raw = text.partition("=")
+    if not sep or not key.strip():
+        raise MedfedError(f"--set expects key=value (e.g. federation.rounds=20), got {text!r}")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError as exc:
+        raise MedfedError(f"--set {key}: cannot read value {raw!r} ({exc})") from None
+    return key.strip(), value
+
+
+def load_yaml(path: str | Path) -> Config:
+    path = Path(path)
+    if not path.is_file():
+        raise MedfedError(f"config file {path} does not exist; pass an existing YAML file to --config")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise MedfedError(f"config file {path} is not valid YAML: {exc}") from None
+    return from_dict(raw, origin=str(path))
+
+
+def parse_freeze(value: str) -> int | None:
+    """`"all"` -> None (head only), otherwise the number of stages frozen after the stem."""
+    if value == "all":
+        return None
+    return int(value)
+
+
+def _check(ok: bool, key: str, value: Any, allowed: str) -> None:
+    if not ok:
+        raise MedfedError(f"config key '{key}' has invalid value {value!r}; allowed: {allowed}")
+
+
+def validate(config: Config) -> Config:
+    """Check every value that does not need the data or the model; raise on the first problem."""
+    from medfed.common.medmnist_catalogue import DATASETS
+
+    d, p, m, t, f, s = (
+        config.data, config.partition, config.model, config.train, config.federation,
+        config.simulation,
+    )
+    _check(d.dataset in DATASETS and d.dataset != "chestmnist", "data.dataset", d.dataset,
+           ", ".join(k for k in DATASETS if k != "chestmnist")
+           + " (chestmnist is multi-label, which medfed does not support yet)")
+    _check(d.resolution in MEDMNIST_RESOLUTIONS, "data.resolution", d.resolution,
+           ", ".join(map(str, MEDMNIST_RESOLUTIONS)))
+    _check(d.image_size >= 32, "data.image_size", d.image_size,
+           "at least 32 pixels (the backbones downsample by 32)")
+    _check(p.scheme in PARTITIONS, "partition.scheme", p.scheme, ", ".join(PARTITIONS))
+    _check(p.sites >= 2, "partition.sites", p.sites, "2 or more")
+    _check(p.alpha > 0, "partition.alpha", p.alpha, "a number > 0")
+    _check(p.labels_per_site >= 1, "partition.labels_per_site", p.labels_per_site, "1 or more")
+    _check(p.min_examples >= 10, "partition.min_examples", p.min_examples,
+           "10 or more (each site needs a 70/15/15 split)")
+    _check(m.freeze == "all" or (m.freeze.isdigit()), "model.freeze", m.freeze,
+           "a number of stages (0 = fine-tune all) or 'all' (head only)")
+    _check(m.bn in BN_POLICIES, "model.bn", m.bn, ", ".join(BN_POLICIES))
+    _check(bool(m.weights), "model.weights", m.weights, "imagenet, none or a checkpoint path")
+    _check(t.optimizer in OPTIMIZERS, "train.optimizer", t.optimizer, ", ".join(OPTIMIZERS))
+    _check(t.lr > 0, "train.lr", t.lr, "a number > 0")
+    _check(t.batch_size >= 2, "train.batch_size", t.batch_size, "2 or more")
+    _check(t.local_epochs >= 1, "train.local_epochs", t.local_epochs, "1 or more")
+    _check(t.weight_decay >= 0, "train.weight_decay", t.weight_decay, "0 or more")
+    _check(t.device in DEVICES, "train.device", t.device, ", ".join(DEVICES))
+    _check(f.strategy in STRATEGIES, "federation.strategy", f.strategy, ", ".join(STRATEGIES))
+    _check(f.rounds >= 1, "federation.rounds", f.rounds, "1 or more")
+    _check(f.mu >= 0, "federation.mu", f.mu, "0 or more")
+    _check(f.server_lr > 0, "federation.server_lr", f.server_lr, "a number > 0")
+    _check(0 <= f.trim_fraction < 0.5, "federation.trim_fraction", f.trim_fraction,
+           "0 <= value < 0.5")
+    _check(0 < f.fraction_train <= 1, "federation.fraction_train", f.fraction_train,
+           "0 < value <= 1")
+    _check(f.patience >= 0, "federation.patience", f.patience, "0 (off) or more rounds")
+    _check(f.lr_patience >= 0, "federation.lr_patience", f.lr_patience, "0 or more rounds")
+    _check(0 < f.lr_factor < 1, "federation.lr_factor", f.lr_factor, "0 < value < 1")
+    _check(f.min_lr >= 0, "federation.min_lr", f.min_lr, "0 or more")
+    _check(f.round_timeout > 0, "federation.round_timeout", f.round_timeout, "seconds > 0")
+    _check(s.cpus_per_site > 0, "simulation.cpus_per_site", s.cpus_per_site, "a number > 0")
+    _check(s.gpus_per_site >= 0, "simulation.gpus_per_site", s.gpus_per_site, "0 or more")
+    return config

@@ -1,0 +1,44 @@
+"""Running a model over data: device choice and prediction, shared by sites and the server."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch import nn
+
+from medfed.common.dataset import LabelledImages, TransformedImages
+from medfed.common.metrics import classification_metrics
+
+
+def pick_device(preference: str) -> torch.device:
+    """"auto" takes the GPU when the machine has one, the CPU otherwise."""
+    if preference == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(preference)
+
+
+@torch.no_grad()
+def predict(model: nn.Module, loader, device: torch.device) -> tuple[np.ndarray, np.ndarray, float]:
+    """(labels, class probabilities, mean cross-entropy) over a loader."""
+    model.eval()
+    labels, probs, loss_sum = [], [], 0.0
+    for images, targets in loader:
+        images, targets = images.to(device), targets.to(device)
+        with torch.autocast(device.type, enabled=device.type == "cuda"):
+            logits = model(images)
+        logits = logits.float()
+        loss_sum += nn.functional.cross_entropy(logits, targets, reduction="sum").item()
+        probs.append(torch.softmax(logits, dim=1).cpu().numpy())
+        labels.append(targets.cpu().numpy())
+    y = np.concatenate(labels)
+    return y, np.concatenate(probs), loss_sum / max(len(y), 1)
+
+
+def evaluate(model: nn.Module, data: LabelledImages, *, transform, batch_size: int,
+             device: torch.device) -> dict:
+    """Metrics plus mean loss of `model` on `data`."""
+    loader = torch.utils.data.DataLoader(
+        TransformedImages(data, transform), batch_size=batch_size * 2, shuffle=False
+    )
+    y, probs, loss = predict(model, loader, device)
+    return {**classification_metrics(y, probs), "loss": loss}

@@ -1,0 +1,206 @@
+"""The run's record: report.json (the contract later tools read), report.md and metrics.csv."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import platform
+from importlib import metadata
+from pathlib import Path
+
+import numpy as np
+
+from medfed.common.metrics import SCALARS
+from medfed.server.strategy import RoundRecord
+
+PACKAGES = ("medfed", "torch", "torchvision", "timm", "flwr", "numpy", "scikit-learn", "scipy",
+            "albumentations", "ray")
+SPLITS = ("train", "val", "test")
+
+
+def versions() -> dict[str, str]:
+    found = {"python": platform.python_version()}
+    for name in PACKAGES:
+        try:
+            found[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            found[name] = "not installed"
+    return found
+
+
+def _clean(value):
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
+def split_metrics(raw: dict, split: str, num_classes: int) -> dict:
+    """A site's flat MetricRecord (`val-auc`, `val-confusion`, …) as one split's metric dict."""
+    result = {name: _clean(float(raw[f"{split}-{name}"])) for name in (*SCALARS, "loss")}
+    matrix = np.asarray(raw[f"{split}-confusion"], dtype=int).reshape(num_classes, num_classes)
+    result["confusion_matrix"] = matrix.tolist()
+    result["n"] = int(matrix.sum())
+    return result
+
+
+def site_summary(raw: dict) -> dict:
+    histograms = {s: [int(v) for v in raw[f"{s}-histogram"]] for s in SPLITS}
+    return {"n": {s: sum(h) for s, h in histograms.items()}, "label_histogram": histograms}
+
+
+def build_report(
+    *,
+    config: dict,
+    dataset: dict,
+    partition: dict | None,
+    rounds: dict[int, RoundRecord],
+    final_sites: RoundRecord,
+    final_global: dict | None,
+    early_stopping: dict,
+    model: dict,
+    wall_s: float,
+) -> dict:
+    num_classes = len(dataset["classes"])
+    round_list = []
+    for number in sorted(rounds):
+        record = rounds[number]
+        round_list.append({
+            "round": number,
+            "lr": record.lr,
+            "train": record.train,
+            "evaluate": {
+                site: {s: split_metrics(raw, s, num_classes) for s in ("val", "test")}
+                for site, raw in sorted(record.evaluate.items())
+            },
+            "val_loss": _clean(record.val_loss),
+            "global_test": record.global_test,
+            "failures": record.failures,
+        })
+    return {
+        "config": config,
+        "dataset": dataset,
+        "partition": partition,
+        "sites": {site: site_summary(raw) for site, raw in sorted(final_sites.evaluate.items())},
+        "rounds": round_list,
+        "final": {
+            "model_round": final_sites.round,
+            "early_stopping": early_stopping,
+            "global": final_global,
+            "sites": {site: split_metrics(raw, "test", num_classes)
+                      for site, raw in sorted(final_sites.evaluate.items())},
+            "failures": final_sites.failures,
+        },
+        "communication": {
+            "trainable_params": model["trainable_params"],
+            "total_params": model["total_params"],
+            "exchanged_tensors": model["exchanged_tensors"],
+            "payload_bytes": model["payload_bytes"],
+            "bytes_up_per_round": [{"round": r["round"], "sites": rounds[r["round"]].bytes_up}
+                                   for r in round_list],
+            "bytes_down_per_round": [{"round": r["round"], "sites": rounds[r["round"]].bytes_down}
+                                     for r in round_list],
+        },
+        "model": model,
+        "timing": {"wall_s": round(wall_s, 2)},
+        "versions": versions(),
+    }
+
+
+def write_report(run_dir: Path, report: dict) -> None:
+    (run_dir / "report.json").write_text(json.dumps(report, indent=2))
+    _write_csv(run_dir / "metrics.csv", report)
+    (run_dir / "report.md").write_text(render_markdown(report))
+
+
+def _write_csv(path: Path, report: dict) -> None:
+    columns = ["round", "site", "split", "n", "loss", *SCALARS]
+    with path.open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=columns, extrasaction="ignore")
+        writer.writeheader()
+        for r in report["rounds"]:
+            for site, values in r["train"].items():
+                writer.writerow({"round": r["round"], "site": site, "split": "train", **values})
+            for site, splits in r["evaluate"].items():
+                for split, values in splits.items():
+                    writer.writerow({"round": r["round"], "site": site, "split": split, **values})
+            if r["global_test"]:
+                writer.writerow({"round": r["round"], "site": "global", "split": "test",
+                                 **r["global_test"]})
+        for site, values in report["final"]["sites"].items():
+            writer.writerow({"round": "final", "site": site, "split": "test", **values})
+        if report["final"]["global"]:
+            writer.writerow({"round": "final", "site": "global", "split": "test",
+                             **report["final"]["global"]})
+
+
+def _fmt(value, digits: int = 3) -> str:
+    return "n/a" if value is None else f"{value:.{digits}f}"
+
+
+def metrics_table(rows: dict[str, dict]) -> list[str]:
+    """Markdown table: one row per site (or 'global'), the clinical metrics as columns."""
+    lines = ["| | n | accuracy | balanced acc. | sensitivity | specificity | precision | F1 | AUC |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for name, m in rows.items():
+        lines.append(
+            f"| {name} | {m['n']} | {_fmt(m['accuracy'])} | {_fmt(m['balanced_accuracy'])} | "
+            f"{_fmt(m['recall'])} | {_fmt(m['specificity'])} | {_fmt(m['precision'])} | "
+            f"{_fmt(m['f1'])} | {_fmt(m['auc'])} |"
+        )
+    return lines
+
+
+def render_markdown(report: dict) -> str:
+    cfg, data, final, comm = report["config"], report["dataset"], report["final"], report["communication"]
+    classes = data["classes"]
+    lines = [
+        f"# medfed run: {data['name']}, {len(report['sites'])} sites, "
+        f"{cfg['federation']['strategy']}",
+        "",
+        f"Backbone `{cfg['model']['backbone']}` (weights: {cfg['model']['weights']}, "
+        f"freeze: {cfg['model']['freeze']}, BatchNorm: {cfg['model']['bn']}), "
+        f"input {cfg['data']['image_size']} px, seed {cfg['seed']}. "
+        f"Final model from round {final['model_round']} (lowest aggregated validation loss); "
+        f"{len(report['rounds'])} rounds run"
+        + (f", early stopping at round {final['early_stopping']['stopped_at']}."
+           if final["early_stopping"]["stopped_at"] else "."),
+        "",
+        "## Test metrics of the final model",
+        "",
+        "Sensitivity = recall of the positive class"
+        + (f" (`{classes[1]}`)" if len(classes) == 2 else " (macro over classes)")
+        + "; AUC n/a where a split holds one class only.",
+        "",
+    ]
+    rows = dict(final["sites"])
+    if final["global"]:
+        rows["global (official test split)"] = final["global"]
+    lines += metrics_table(rows)
+    lines += ["", "## Sites", "", "| site | train | val | test | label histogram (train+val+test) |",
+              "|---|---|---|---|---|"]
+    for site, info in report["sites"].items():
+        total = np.sum([info["label_histogram"][s] for s in SPLITS], axis=0)
+        hist = ", ".join(f"{c}: {int(n)}" for c, n in zip(classes, total))
+        lines.append(f"| {site} | {info['n']['train']} | {info['n']['val']} | {info['n']['test']} | {hist} |")
+    lines += ["", "## Rounds", "", "| round | lr | mean train loss | val loss (aggregated) | global test AUC | global test accuracy |",
+              "|---|---|---|---|---|---|"]
+    for r in report["rounds"]:
+        losses = [v["loss"] for v in r["train"].values()]
+        g = r["global_test"] or {}
+        lines.append(
+            f"| {r['round']} | {r['lr']:.2e} | {_fmt(float(np.mean(losses)) if losses else None)} | "
+            f"{_fmt(r['val_loss'])} | {_fmt(g.get('auc'))} | {_fmt(g.get('accuracy'))} |"
+        )
+    up = [sum(r["sites"].values()) for r in comm["bytes_up_per_round"] if r["sites"]]
+    down = [sum(r["sites"].values()) for r in comm["bytes_down_per_round"] if r["sites"]]
+    lines += [
+        "", "## Communication", "",
+        f"Trainable parameters {comm['trainable_params']:,} of {comm['total_params']:,} "
+        f"({comm['exchanged_tensors']} tensors, {comm['payload_bytes'] / 1e6:.2f} MB per model payload). "
+        f"Per round, all sites together: {np.mean(up) / 1e6 if up else 0:.2f} MB up, "
+        f"{np.mean(down) / 1e6 if down else 0:.2f} MB down (train and evaluation messages).",
+        "", f"Wall time {report['timing']['wall_s']:.0f} s.", "",
+        "## Data", "", data.get("citation", ""), "",
+    ]
+    return "\n".join(lines)

@@ -1,0 +1,50 @@
+"""Server-side early stopping and learning-rate reduction on the aggregated validation loss.
+
+The learning-rate decision is torch's own ReduceLROnPlateau driving a one-parameter optimizer, so
+the plateau rule is the familiar one; the chosen rate is sent to every site in the round config.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from medfed.common.config import FederationConfig
+
+
+class PlateauSchedule:
+    def __init__(self, *, lr: float, federation: FederationConfig) -> None:
+        self._optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=lr)
+        self._plateau = torch.optim.lr_scheduler.ReduceLROnPlateau(
+            self._optimizer, mode="min", factor=federation.lr_factor,
+            patience=federation.lr_patience, min_lr=federation.min_lr,
+        )
+        self.patience = federation.patience
+        self.best_loss = math.inf
+        self.best_round = 0
+        self.rounds_without_improvement = 0
+        self.stopped_at: int | None = None
+
+    @property
+    def lr(self) -> float:
+        return self._optimizer.param_groups[0]["lr"]
+
+    @property
+    def stopped(self) -> bool:
+        return self.stopped_at is not None
+
+    def step(self, server_round: int, val_loss: float) -> bool:
+        """Record one round's aggregated validation loss; True when it is the best so far."""
+        if math.isnan(val_loss):
+            val_loss = math.inf
+        self._plateau.step(val_loss)
+        improved = val_loss < self.best_loss
+        if improved:
+            self.best_loss, self.best_round = val_loss, server_round
+            self.rounds_without_improvement = 0
+        else:
+            self.rounds_without_improvement += 1
+            if self.patience and self.rounds_without_improvement >= self.patience:
+                self.stopped_at = server_round
+        return improved

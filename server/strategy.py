@@ -1,0 +1,232 @@
+"""medfed's strategy: any Flower strategy, wrapped so that
+
+* BatchNorm statistics never reach a server optimizer or robust aggregator: the wrapped
+  strategy sees parameters only, statistics are averaged by example count (no NaN from FedAdam
+  or FedYogi on running variances);
+* per-site metrics and bytes on the wire are kept round by round (Flower keeps only aggregates);
+* the round's learning rate comes from the server's plateau schedule, and once early stopping
+  fires no more sites are sampled;
+* the best global arrays (lowest aggregated validation loss) are kept for the final model.
+
+Flower's `Strategy.start` still owns the round loop.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+
+import numpy as np
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import (
+    FedAdam, FedAvg, FedMedian, FedProx, FedTrimmedAvg, FedYogi, Strategy,
+)
+from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords
+
+from medfed.common.config import Config
+from medfed.common.wire import record_bytes
+from medfed.server.schedule import PlateauSchedule
+
+log = logging.getLogger("medfed")
+WEIGHT_KEY = "num-examples"
+
+
+def mean_scalar_metrics(records: list[RecordDict], weight_key: str) -> MetricRecord:
+    """Example-weighted mean of the scalar metrics, ignoring NaN (e.g. AUC on a one-class split).
+
+    List metrics (confusion matrices, histograms) are per site and are not averaged."""
+    weights = np.array([float(r["metrics"][weight_key]) for r in records])
+    result = MetricRecord()
+    for key, value in records[0]["metrics"].items():
+        if key == weight_key or isinstance(value, list):
+            continue
+        values = np.array([float(r["metrics"][key]) for r in records])
+        ok = ~np.isnan(values)
+        result[key] = float(np.average(values[ok], weights=weights[ok])) if ok.any() and weights[ok].sum() > 0 else float("nan")
+    return result
+
+
+def make_flower_strategy(config: Config, *, num_sites: int) -> Strategy:
+    f = config.federation
+    sampling = dict(
+        fraction_train=f.fraction_train,
+        fraction_evaluate=1.0,
+        min_train_nodes=max(1, round(f.fraction_train * num_sites)),
+        min_evaluate_nodes=num_sites,
+        min_available_nodes=num_sites,
+        train_metrics_aggr_fn=mean_scalar_metrics,
+        evaluate_metrics_aggr_fn=mean_scalar_metrics,
+    )
+    if f.strategy == "fedprox":
+        return FedProx(**sampling, proximal_mu=f.mu)
+    if f.strategy == "fedadam":
+        return FedAdam(**sampling, eta=f.server_lr, eta_l=config.train.lr)
+    if f.strategy == "fedyogi":
+        return FedYogi(**sampling, eta=f.server_lr, eta_l=config.train.lr)
+    if f.strategy == "fedmedian":
+        return FedMedian(**sampling)
+    if f.strategy == "fedtrimmedavg":
+        return FedTrimmedAvg(**sampling, beta=f.trim_fraction)
+    return FedAvg(**sampling)
+
+
+@dataclass
+class RoundRecord:
+    """What one round left behind, per site."""
+
+    round: int
+    lr: float
+    train: dict[str, dict] = field(default_factory=dict)      # site -> {loss, n}
+    evaluate: dict[str, dict] = field(default_factory=dict)   # site -> raw metric dict
+    bytes_up: dict[str, int] = field(default_factory=dict)
+    bytes_down: dict[str, int] = field(default_factory=dict)
+    failures: list[str] = field(default_factory=list)
+    val_loss: float | None = None
+    global_test: dict | None = None
+
+
+def site_name(reply: Message) -> str:
+    if "site" in reply.content.config_records:
+        return str(reply.content["site"]["name"])
+    return f"node-{reply.metadata.src_node_id}"
+
+
+class MedfedStrategy(Strategy):
+    def __init__(
+        self,
+        inner: FedAvg,
+        *,
+        statistic_keys: list[str],
+        schedule: PlateauSchedule,
+        round_config: dict,
+        on_event: Callable[[str, RoundRecord], None] = lambda event, record: None,
+    ) -> None:
+        self.inner = inner
+        self.statistic_keys = set(statistic_keys)
+        self.schedule = schedule
+        self.round_config = round_config
+        self.on_event = on_event
+        self.rounds: dict[int, RoundRecord] = {}
+        self.best_arrays: ArrayRecord | None = None
+        self._sent: dict[int, int] = {}  # node id -> bytes sent to it this round
+        self._dtypes: dict[str, np.dtype] = {}
+        self._evaluated: ArrayRecord | None = None
+
+    def summary(self) -> None:
+        self.inner.summary()
+
+    def record(self, server_round: int) -> RoundRecord:
+        if server_round not in self.rounds:
+            self.rounds[server_round] = RoundRecord(round=server_round, lr=self.schedule.lr)
+        return self.rounds[server_round]
+
+    def _config(self, config: ConfigRecord) -> ConfigRecord:
+        return ConfigRecord({**config, **self.round_config, "lr": self.schedule.lr})
+
+    def _note_sent(self, messages: Iterable[Message], arrays: ArrayRecord) -> list[Message]:
+        messages = list(messages)
+        size = record_bytes(arrays)
+        for message in messages:
+            node = message.metadata.dst_node_id
+            self._sent[node] = self._sent.get(node, 0) + size
+        return messages
+
+    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
+                        grid: Grid) -> Iterable[Message]:
+        if self.schedule.stopped:
+            return []
+        if not self._dtypes:
+            self._dtypes = {k: a.numpy().dtype for k, a in arrays.items()}
+        self._sent = {}
+        self.record(server_round)
+        parameters = ArrayRecord({k: a for k, a in arrays.items() if k not in self.statistic_keys})
+        messages = list(self.inner.configure_train(server_round, parameters, self._config(config), grid))
+        for message in messages:
+            # The wrapped strategy saw parameters only (FedOpt keeps them as its x_t); sites get all.
+            message.content[self.inner.arrayrecord_key] = arrays
+        return self._note_sent(messages, arrays)
+
+    def aggregate_train(self, server_round: int, replies: Iterable[Message]
+                        ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        replies = list(replies)
+        if server_round not in self.rounds:
+            return None, None  # a round skipped after early stopping
+        record = self.record(server_round)
+        valid = [r for r in replies if not r.has_error()]
+        for reply in replies:
+            if reply.has_error():
+                record.failures.append(f"node-{reply.metadata.src_node_id}: {reply.error.reason}")
+        for reply in valid:
+            name = site_name(reply)
+            metrics = reply.content["metrics"]
+            record.train[name] = {"loss": float(metrics["train-loss"]), "n": int(metrics[WEIGHT_KEY])}
+            record.bytes_up[name] = record_bytes(reply.content["arrays"])
+            record.bytes_down[name] = self._sent.get(reply.metadata.src_node_id, 0)
+        self.on_event("train", record)
+        if not valid:
+            return None, None
+        statistics = None
+        if self.statistic_keys:
+            statistics = aggregate_arrayrecords(
+                [RecordDict({"arrays": ArrayRecord({k: r.content["arrays"][k] for k in self.statistic_keys}),
+                             "metrics": r.content["metrics"]}) for r in valid],
+                WEIGHT_KEY,
+            )
+            for reply in valid:
+                reply.content["arrays"] = ArrayRecord(
+                    {k: a for k, a in reply.content["arrays"].items() if k not in self.statistic_keys}
+                )
+        parameters, metrics = self.inner.aggregate_train(server_round, valid)
+        if parameters is None:
+            return None, metrics
+        merged = {**parameters, **(statistics or {})}
+        # Keep the model's dtypes: server optimizers compute in float64.
+        arrays = ArrayRecord({
+            k: Array(np.asarray(merged[k].numpy(), dtype=self._dtypes[k])) for k in self._dtypes
+        })
+        return arrays, metrics
+
+    def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
+                           grid: Grid) -> Iterable[Message]:
+        if self.schedule.stopped:
+            return []
+        self._evaluated = arrays
+        messages = self.inner.configure_evaluate(server_round, arrays, self._config(config), grid)
+        self._sent = {}
+        return self._note_sent(messages, arrays)
+
+    def collect_evaluation(self, replies: Iterable[Message], record: RoundRecord) -> None:
+        for reply in replies:
+            if reply.has_error():
+                record.failures.append(f"node-{reply.metadata.src_node_id}: {reply.error.reason}")
+                continue
+            name = site_name(reply)
+            record.evaluate[name] = dict(reply.content["metrics"].items())
+            record.bytes_down[name] = record.bytes_down.get(name, 0) + self._sent.get(
+                reply.metadata.src_node_id, 0)
+
+    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
+        replies = list(replies)
+        if server_round not in self.rounds:
+            return None
+        record = self.record(server_round)
+        self.collect_evaluation(replies, record)
+        aggregated = self.inner.aggregate_evaluate(server_round, replies)
+        val_loss = float(aggregated["val-loss"]) if aggregated and "val-loss" in aggregated else float("nan")
+        record.val_loss = val_loss
+        if self.schedule.step(server_round, val_loss) or self.best_arrays is None:
+            self.best_arrays = self._evaluated
+        self.on_event("evaluate", record)
+        return aggregated
+
+    def evaluate_final(self, grid: Grid, arrays: ArrayRecord, *, timeout: float) -> RoundRecord:
+        """Every site evaluates the chosen global model on its own splits."""
+        record = RoundRecord(round=self.schedule.best_round, lr=self.schedule.lr)
+        config = self._config(ConfigRecord({"server-round": 0}))
+        messages = self.inner.configure_evaluate(0, arrays, config, grid)
+        self._sent = {}
+        messages = self._note_sent(messages, arrays)
+        self.collect_evaluation(grid.send_and_receive(messages, timeout=timeout), record)
+        return record

@@ -1,0 +1,104 @@
+"""Seeded non-IID partitioners and the per-site stratified 70/15/15 split.
+
+Each partitioner returns one index array per site; together they are disjoint and cover every
+example exactly once.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from sklearn.model_selection import train_test_split
+
+from medfed.common.errors import MedfedError
+
+SITE_SPLIT = {"train": 0.70, "val": 0.15, "test": 0.15}
+
+
+def iid(labels: np.ndarray, *, sites: int, rng: np.random.Generator) -> list[np.ndarray]:
+    return [np.sort(part) for part in np.array_split(rng.permutation(len(labels)), sites)]
+
+
+def dirichlet(labels: np.ndarray, *, sites: int, alpha: float, rng: np.random.Generator
+              ) -> list[np.ndarray]:
+    """Label skew: each class is spread over sites in Dirichlet(alpha) proportions."""
+    parts: list[list[int]] = [[] for _ in range(sites)]
+    for cls in np.unique(labels):
+        members = rng.permutation(np.flatnonzero(labels == cls))
+        shares = rng.dirichlet(np.full(sites, alpha))
+        cuts = (np.cumsum(shares)[:-1] * len(members)).astype(int)
+        for site, chunk in enumerate(np.split(members, cuts)):
+            parts[site].extend(chunk.tolist())
+    return [np.sort(np.array(p, dtype=np.int64)) for p in parts]
+
+
+def quantity(labels: np.ndarray, *, sites: int, alpha: float, rng: np.random.Generator
+             ) -> list[np.ndarray]:
+    """Size skew: site sizes follow Dirichlet(alpha) proportions; labels stay IID within a site."""
+    shares = rng.dirichlet(np.full(sites, alpha))
+    cuts = (np.cumsum(shares)[:-1] * len(labels)).astype(int)
+    return [np.sort(part) for part in np.split(rng.permutation(len(labels)), cuts)]
+
+
+def pathological(labels: np.ndarray, *, sites: int, labels_per_site: int,
+                 rng: np.random.Generator) -> list[np.ndarray]:
+    """Each site holds `labels_per_site` classes; a class is split evenly among its holders.
+
+    Classes are dealt round-robin so every class has at least one site."""
+    classes = np.unique(labels)
+    if labels_per_site > len(classes):
+        raise MedfedError(
+            f"partition.labels_per_site={labels_per_site} but the dataset has {len(classes)} classes"
+        )
+    if sites * labels_per_site < len(classes):
+        raise MedfedError(
+            f"pathological partition with {sites} sites x {labels_per_site} labels cannot cover "
+            f"{len(classes)} classes; raise --sites or partition.labels_per_site"
+        )
+    order = rng.permutation(classes)
+    holders: dict[int, list[int]] = {int(c): [] for c in classes}
+    slot = 0
+    for site in range(sites):
+        held: set[int] = set()
+        while len(held) < labels_per_site:
+            cls = int(order[slot % len(order)])
+            slot += 1
+            if cls not in held:
+                held.add(cls)
+                holders[cls].append(site)
+    parts: list[list[int]] = [[] for _ in range(sites)]
+    for cls, owners in holders.items():
+        members = rng.permutation(np.flatnonzero(labels == cls))
+        for owner, chunk in zip(owners, np.array_split(members, len(owners))):
+            parts[owner].extend(chunk.tolist())
+    return [np.sort(np.array(p, dtype=np.int64)) for p in parts]
+
+
+def partition(labels: np.ndarray, *, scheme: str, sites: int, alpha: float, labels_per_site: int,
+              seed: int) -> list[np.ndarray]:
+    rng = np.random.default_rng(seed)
+    if scheme == "iid":
+        return iid(labels, sites=sites, rng=rng)
+    if scheme == "dirichlet":
+        return dirichlet(labels, sites=sites, alpha=alpha, rng=rng)
+    if scheme == "quantity":
+        return quantity(labels, sites=sites, alpha=alpha, rng=rng)
+    if scheme == "pathological":
+        return pathological(labels, sites=sites, labels_per_site=labels_per_site, rng=rng)
+    raise MedfedError(f"unknown partition scheme '{scheme}'")
+
+
+def split_site(index: np.ndarray, labels: np.ndarray, *, seed: int) -> dict[str, np.ndarray]:
+    """Stratified 70/15/15 train/val/test split of one site's examples.
+
+    Stratification falls back to a plain random split where a class is too rare to stratify."""
+    site_labels = labels[index]
+
+    def cut(idx, lab, size):
+        try:
+            return train_test_split(idx, lab, test_size=size, random_state=seed, stratify=lab)
+        except ValueError:
+            return train_test_split(idx, lab, test_size=size, random_state=seed)
+
+    train, rest, _, rest_labels = cut(index, site_labels, SITE_SPLIT["val"] + SITE_SPLIT["test"])
+    val, test, _, _ = cut(rest, rest_labels, SITE_SPLIT["test"] / (SITE_SPLIT["val"] + SITE_SPLIT["test"]))
+    return {"train": np.sort(train), "val": np.sort(val), "test": np.sort(test)}
