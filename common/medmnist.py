@@ -16,6 +16,8 @@ from medfed.common.errors import MedfedError
 from medfed.common.medmnist_catalogue import DATASETS, RECORD_URL
 
 ENV_DATA_DIR = "MEDFED_DATA_DIR"
+# Set to 1 on air-gapped machines: a missing file is then an error, never a download attempt.
+ENV_OFFLINE = "MEDFED_OFFLINE"
 
 
 def data_dir(explicit: str | None) -> Path:
@@ -46,8 +48,11 @@ def locate(dataset: str, resolution: int, directory: Path, *, download: bool = T
     if path.is_file():
         return path
     url = f"{RECORD_URL}/{name}?download=1"
-    if not download:
-        raise MedfedError(f"{path} is missing; download {url} and put it there")
+    if not download or os.environ.get(ENV_OFFLINE) == "1":
+        raise MedfedError(
+            f"{path} is missing; download {url} and put it there "
+            f"(or point --data-dir / ${ENV_DATA_DIR} at a folder that has it)"
+        )
     _download(url, path, expected_md5=DATASETS[dataset]["md5"][resolution])
     return path
 

@@ -74,17 +74,27 @@ def pathological(labels: np.ndarray, *, sites: int, labels_per_site: int,
 
 
 def partition(labels: np.ndarray, *, scheme: str, sites: int, alpha: float, labels_per_site: int,
-              seed: int) -> list[np.ndarray]:
+              seed: int, min_size: int = 0, attempts: int = 100) -> list[np.ndarray]:
+    """Partition with the named scheme.
+
+    Random schemes are redrawn (from the same seeded generator, so still reproducible) until every
+    site holds at least `min_size` examples, as is usual for Dirichlet benchmarks; after `attempts`
+    draws the caller gets the last one and decides."""
     rng = np.random.default_rng(seed)
-    if scheme == "iid":
-        return iid(labels, sites=sites, rng=rng)
-    if scheme == "dirichlet":
-        return dirichlet(labels, sites=sites, alpha=alpha, rng=rng)
-    if scheme == "quantity":
-        return quantity(labels, sites=sites, alpha=alpha, rng=rng)
-    if scheme == "pathological":
-        return pathological(labels, sites=sites, labels_per_site=labels_per_site, rng=rng)
-    raise MedfedError(f"unknown partition scheme '{scheme}'")
+    draw = {
+        "iid": lambda: iid(labels, sites=sites, rng=rng),
+        "dirichlet": lambda: dirichlet(labels, sites=sites, alpha=alpha, rng=rng),
+        "quantity": lambda: quantity(labels, sites=sites, alpha=alpha, rng=rng),
+        "pathological": lambda: pathological(labels, sites=sites, labels_per_site=labels_per_site,
+                                             rng=rng),
+    }
+    if scheme not in draw:
+        raise MedfedError(f"unknown partition scheme '{scheme}'")
+    for _ in range(attempts):
+        parts = draw[scheme]()
+        if min(len(p) for p in parts) >= min_size:
+            break
+    return parts
 
 
 def split_site(index: np.ndarray, labels: np.ndarray, *, seed: int) -> dict[str, np.ndarray]:

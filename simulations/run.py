@@ -63,14 +63,15 @@ def prepare(config: Config) -> Prepared:
     )
     p = config.partition
     parts = partition(pool.labels, scheme=p.scheme, sites=p.sites, alpha=p.alpha,
-                      labels_per_site=p.labels_per_site, seed=config.seed)
+                      labels_per_site=p.labels_per_site, seed=config.seed,
+                      min_size=p.min_examples)
     sizes = [len(part) for part in parts]
     if min(sizes) < p.min_examples:
         small = ", ".join(f"{simulated_site_name(i)}: {n}" for i, n in enumerate(sizes) if n < p.min_examples)
         raise MedfedError(
             f"{p.sites} sites leave too few examples for some of them ({small}; minimum "
             f"partition.min_examples={p.min_examples}) out of {len(pool)} pooled examples; "
-            f"use fewer --sites, a larger --alpha, or another --seed"
+            f"100 draws were tried; use fewer --sites or a larger --alpha"
         )
     sites = {}
     for i, part in enumerate(parts):

@@ -1,0 +1,111 @@
+"""Server-side plateau learning-rate reduction and early stopping."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from medfed.common.config import FederationConfig
+from medfed.server.schedule import PlateauSchedule
+
+
+def _schedule(*, lr=1.0, patience=0, lr_patience=2, lr_factor=0.5, min_lr=1e-6):
+    return PlateauSchedule(lr=lr, federation=FederationConfig(
+        patience=patience, lr_patience=lr_patience, lr_factor=lr_factor, min_lr=min_lr))
+
+
+def _run(schedule, losses):
+    """Step through losses from round 1; return the lr seen after each step."""
+    rates = []
+    for server_round, loss in enumerate(losses, start=1):
+        schedule.step(server_round, loss)
+        rates.append(schedule.lr)
+    return rates
+
+
+@pytest.mark.parametrize("lr_patience", [0, 1, 2, 4])
+def test_lr_reduced_after_lr_patience_plus_one_bad_rounds(lr_patience):
+    schedule = _schedule(lr=0.1, lr_patience=lr_patience, lr_factor=0.5)
+    bad = lr_patience + 1
+    rates = _run(schedule, [1.0] + [1.0] * bad)
+    # torch ReduceLROnPlateau: reduce once num_bad_epochs > patience, i.e. on bad round p+1.
+    assert rates[:bad] == [0.1] * bad
+    assert rates[bad] == pytest.approx(0.05)
+    # The bad-round count restarts after a reduction: the next cut needs p+1 more bad rounds.
+    more = _run(schedule, [1.0] * bad)
+    assert more[:-1] == pytest.approx([0.05] * (bad - 1))
+    assert more[-1] == pytest.approx(0.025)
+
+
+def test_lr_sequence_and_min_lr():
+    schedule = _schedule(lr=1.0, lr_patience=2, lr_factor=0.5, min_lr=0.2)
+    rates = _run(schedule, [1.0] * 13)
+    assert rates == pytest.approx(
+        [1.0, 1.0, 1.0, 0.5, 0.5, 0.5, 0.25, 0.25, 0.25, 0.2, 0.2, 0.2, 0.2])
+
+
+def test_improvement_resets_lr_counter():
+    schedule = _schedule(lr=1.0, lr_patience=2)
+    rates = _run(schedule, [1.0, 1.1, 1.2, 0.9, 1.0, 1.0, 1.0])
+    assert rates == pytest.approx([1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 0.5])
+
+
+def test_best_round_tracks_minimum():
+    schedule = _schedule()
+    improved = [schedule.step(r, loss) for r, loss in enumerate([0.9, 0.7, 0.8, 0.6, 0.6, 0.65], 1)]
+    assert improved == [True, True, False, True, False, False]  # an equal loss is no improvement
+    assert schedule.best_round == 4
+    assert schedule.best_loss == pytest.approx(0.6)
+    assert schedule.rounds_without_improvement == 2
+
+
+@pytest.mark.parametrize("patience", [1, 3])
+def test_early_stopping_after_patience_bad_rounds(patience):
+    schedule = _schedule(patience=patience, lr_patience=100)
+    schedule.step(1, 0.5)
+    for offset in range(1, patience):
+        schedule.step(1 + offset, 0.6)
+        assert not schedule.stopped and schedule.stopped_at is None
+    schedule.step(1 + patience, 0.7)
+    assert schedule.stopped
+    assert schedule.stopped_at == 1 + patience
+    assert schedule.best_round == 1
+
+
+def test_improvement_resets_early_stopping():
+    schedule = _schedule(patience=2, lr_patience=100)
+    for server_round, loss in enumerate([1.0, 1.1, 0.9, 1.0], start=1):
+        schedule.step(server_round, loss)
+    assert not schedule.stopped
+    schedule.step(5, 1.0)
+    assert schedule.stopped_at == 5
+    assert schedule.best_round == 3
+
+
+def test_nan_counts_as_no_improvement():
+    schedule = _schedule(patience=2, lr_patience=0, lr=1.0)
+    assert schedule.step(1, 0.5) is True
+    assert schedule.step(2, math.nan) is False
+    assert schedule.best_round == 1 and schedule.best_loss == 0.5
+    assert schedule.lr == pytest.approx(0.5)  # counted as a bad round by the lr schedule too
+    assert schedule.step(3, float("nan")) is False
+    assert schedule.stopped_at == 3
+
+
+def test_nan_first_round_never_best():
+    schedule = _schedule(patience=3)
+    assert schedule.step(1, math.nan) is False
+    assert schedule.best_round == 0
+    assert schedule.step(2, 2.0) is True
+    assert schedule.best_round == 2
+
+
+def test_patience_zero_never_stops():
+    schedule = _schedule(patience=0, lr_patience=1, min_lr=0.0)
+    schedule.step(1, 0.1)
+    for server_round in range(2, 60):
+        schedule.step(server_round, 1.0 + server_round)
+    assert not schedule.stopped and schedule.stopped_at is None
+    assert schedule.rounds_without_improvement == 58
+    assert schedule.best_round == 1
