@@ -98,7 +98,8 @@ class FederationConfig:
 class SimulationConfig:
     # CPU cores given to each virtual site; 2 cores and 1 per site run two sites at a time.
     cpus_per_site: float = 1.0
-    gpus_per_site: float = 0.0
+    # None: share the GPU among the sites when the machine has one, none otherwise.
+    gpus_per_site: float | None = None
 
 
 @dataclass
@@ -141,6 +142,12 @@ def _coerce(key: str, value: Any, hint: Any) -> Any:
             return value
         if kind is float and isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)
+        if kind is float and isinstance(value, str):
+            # YAML 1.1 reads `1e-4` (no dot) as a string; it is the form people type.
+            try:
+                return float(value)
+            except ValueError:
+                pass
         if kind is str and isinstance(value, (str, int, float)) and not isinstance(value, bool):
             return str(value)
     names = " or ".join("null" if a is type(None) else a.__name__ for a in allowed)
@@ -249,7 +256,7 @@ def validate(config: Config) -> Config:
     _check(p.labels_per_site >= 1, "partition.labels_per_site", p.labels_per_site, "1 or more")
     _check(p.min_examples >= 10, "partition.min_examples", p.min_examples,
            "10 or more (each site needs a 70/15/15 split)")
-    _check(m.freeze == "all" or (m.freeze.isdigit()), "model.freeze", m.freeze,
+    _check(m.freeze == "all" or (m.freeze.isascii() and m.freeze.isdigit()), "model.freeze", m.freeze,
            "a number of stages (0 = fine-tune all) or 'all' (head only)")
     _check(m.bn in BN_POLICIES, "model.bn", m.bn, ", ".join(BN_POLICIES))
     _check(bool(m.weights), "model.weights", m.weights, "imagenet, none or a checkpoint path")
@@ -273,5 +280,6 @@ def validate(config: Config) -> Config:
     _check(f.min_lr >= 0, "federation.min_lr", f.min_lr, "0 or more")
     _check(f.round_timeout > 0, "federation.round_timeout", f.round_timeout, "seconds > 0")
     _check(s.cpus_per_site > 0, "simulation.cpus_per_site", s.cpus_per_site, "a number > 0")
-    _check(s.gpus_per_site >= 0, "simulation.gpus_per_site", s.gpus_per_site, "0 or more")
+    _check(s.gpus_per_site is None or s.gpus_per_site >= 0, "simulation.gpus_per_site",
+           s.gpus_per_site, "null (auto) or 0 or more")
     return config

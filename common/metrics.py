@@ -24,23 +24,26 @@ def classification_metrics(y_true: np.ndarray, probs: np.ndarray) -> dict:
     y_pred = probs.argmax(axis=1)
     binary = num_classes == 2
     average = "binary" if binary else "macro"
+    # Macro averages run over the classes that occur (as truth or prediction): a class absent from
+    # a site's split has no recall, and counting it as 0 would invent a number.
+    occurring = labels if binary else np.union1d(y_true, y_pred).tolist()
     with warnings.catch_warnings():
         # Undefined precision on a site that predicts no positives is reported as 0 by sklearn.
         warnings.simplefilter("ignore")
-        per_class = skm.multilabel_confusion_matrix(y_true, y_pred, labels=labels)
+        per_class = skm.multilabel_confusion_matrix(y_true, y_pred, labels=occurring)
         tn, fp = per_class[:, 0, 0], per_class[:, 0, 1]
         with np.errstate(invalid="ignore", divide="ignore"):
             specificity_per_class = tn / (tn + fp)
         result = {
             "accuracy": skm.accuracy_score(y_true, y_pred),
             "balanced_accuracy": skm.balanced_accuracy_score(y_true, y_pred),
-            "precision": skm.precision_score(y_true, y_pred, labels=labels, average=average,
+            "precision": skm.precision_score(y_true, y_pred, labels=occurring, average=average,
                                              zero_division=0),
-            "recall": skm.recall_score(y_true, y_pred, labels=labels, average=average,
+            "recall": skm.recall_score(y_true, y_pred, labels=occurring, average=average,
                                        zero_division=0),
             "specificity": (specificity_per_class[1] if binary
                             else np.nanmean(specificity_per_class)),
-            "f1": skm.f1_score(y_true, y_pred, labels=labels, average=average, zero_division=0),
+            "f1": skm.f1_score(y_true, y_pred, labels=occurring, average=average, zero_division=0),
             "auc": _auc(y_true, probs),
         }
     result = {k: (None if v is None or not np.isfinite(v) else float(v)) for k, v in result.items()}

@@ -114,14 +114,16 @@ def load_checkpoint(model: nn.Module, path: str) -> None:
         state = state["model"]
     own = model.state_dict()
     head = {f"{model.default_cfg.get('classifier', 'classifier')}.{p}" for p in ("weight", "bias")}
-    kept = {k: v for k, v in state.items() if not (k in head and v.shape != own[k].shape)}
+    misshapen = [k for k, v in state.items() if k in own and v.shape != own[k].shape and k not in head]
+    kept = {k: v for k, v in state.items() if not (k in own and v.shape != own[k].shape)}
     missing, unexpected = model.load_state_dict(kept, strict=False)
     missing = [k for k in missing if k not in head]
-    if missing or unexpected:
+    if missing or unexpected or misshapen:
         raise MedfedError(
             f"--weights {path} does not match backbone '{type(model).__name__}': "
             f"{len(missing)} missing keys (e.g. {missing[:3]}), "
-            f"{len(unexpected)} unexpected keys (e.g. {unexpected[:3]})"
+            f"{len(unexpected)} unexpected keys (e.g. {unexpected[:3]}), "
+            f"{len(misshapen)} of another shape (e.g. {misshapen[:3]})"
         )
 
 

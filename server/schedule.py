@@ -38,8 +38,11 @@ class PlateauSchedule:
         """Record one round's aggregated validation loss; True when it is the best so far."""
         if math.isnan(val_loss):
             val_loss = math.inf
+        # Improvement is the scheduler's own judgement (it moves `best` only past its relative
+        # threshold), so early stopping and the learning-rate rule count the same rounds.
+        previous_best = self._plateau.best
         self._plateau.step(val_loss)
-        improved = val_loss < self.best_loss
+        improved = self._plateau.best != previous_best
         if improved:
             self.best_loss, self.best_round = val_loss, server_round
             self.rounds_without_improvement = 0

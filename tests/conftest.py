@@ -2,7 +2,8 @@
 
 Real MedMNIST files live outside the repository, in a `shared/` folder beside the checkout
 (CI clones main elsewhere and copies `shared/` beside it). `$MEDFED_DATA_DIR` overrides the
-search (it is then the only place looked at). Tests that need the files skip, with the reason, when none of the places has them.
+search (it is then the only place looked at). Tests that need the files skip, with the reason,
+when the files are not there.
 """
 
 from __future__ import annotations

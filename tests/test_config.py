@@ -101,10 +101,6 @@ def test_yaml_section_must_be_mapping(tmp_path):
         load_yaml(path)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG: PyYAML (YAML 1.1) reads '1e-4' (no dot) as a string, and _coerce refuses a str for a "
-    "float field, so `lr: 1e-4` in a config file is rejected"
-))
 def test_yaml_exponent_float_without_dot(tmp_path):
     path = tmp_path / "lr.yaml"
     path.write_text("train:\n  lr: 1e-4\n")
@@ -156,10 +152,6 @@ def test_set_value_top_level_keys():
     assert _apply("out=runs/x").out == "runs/x"
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG: `--set train.lr=1e-3` is rejected: yaml.safe_load('1e-3') returns the str '1e-3' "
-    "(YAML 1.1 floats need a dot) and _coerce does not convert a str to float"
-))
 def test_set_value_exponent_float_without_dot():
     config = _apply("train.lr=1e-3")
     assert config.train.lr == pytest.approx(1e-3)

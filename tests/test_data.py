@@ -152,7 +152,27 @@ def test_locate_missing_without_download(tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
-def test_locate_download_offline(tmp_path, monkeypatch):
+@pytest.fixture
+def online(monkeypatch):
+    """Downloads allowed: the tests below must not depend on $MEDFED_OFFLINE of the machine."""
+    monkeypatch.delenv("MEDFED_OFFLINE", raising=False)
+
+
+def test_locate_medfed_offline_never_downloads(tmp_path, monkeypatch):
+    def no_network(*args, **kwargs):
+        raise AssertionError("MEDFED_OFFLINE=1 must not try the network")
+
+    monkeypatch.setattr(urllib.request, "urlopen", no_network)
+    monkeypatch.setenv("MEDFED_OFFLINE", "1")
+    with pytest.raises(MedfedError) as info:
+        medmnist.locate("breastmnist", 28, tmp_path, download=True)
+    message = str(info.value)
+    assert str(tmp_path / "breastmnist.npz") in message
+    assert f"{RECORD_URL}/breastmnist.npz" in message
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_locate_download_offline(tmp_path, monkeypatch, online):
     calls = []
 
     def offline(url, *args, **kwargs):
@@ -192,14 +212,15 @@ class _FakeResponse:
         return False
 
 
-def test_download_wrong_md5_leaves_nothing(tmp_path, monkeypatch):
+def test_download_wrong_md5_leaves_nothing(tmp_path, monkeypatch, online):
     monkeypatch.setattr(urllib.request, "urlopen", lambda *a, **k: _FakeResponse(b"x" * 1000))
     with pytest.raises(MedfedError, match="MD5"):
         medmnist.locate("breastmnist", 28, tmp_path)
     assert list(tmp_path.iterdir()) == []
 
 
-def test_download_right_md5_moves_file_in_place(medmnist_dir, tmp_path, monkeypatch):
+def test_download_right_md5_moves_file_in_place(medmnist_dir, tmp_path, monkeypatch,
+                                                online):
     payload = (medmnist_dir / "breastmnist.npz").read_bytes()
     monkeypatch.setattr(urllib.request, "urlopen", lambda *a, **k: _FakeResponse(payload))
     path = medmnist.locate("breastmnist", 28, tmp_path)

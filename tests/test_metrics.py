@@ -159,3 +159,13 @@ def test_multiclass_one_class_split_no_auc():
     result = classification_metrics(y, probs)
     assert result["auc"] is None
     assert result["accuracy"] == pytest.approx(0.5)
+
+
+def test_multiclass_macro_ignores_a_class_absent_from_the_split():
+    # A perfect classifier on a 3-class task whose split holds classes 0 and 1 only.
+    y = np.array([0, 0, 1, 1])
+    probs = np.array([[0.9, 0.05, 0.05], [0.8, 0.1, 0.1], [0.1, 0.8, 0.1], [0.2, 0.7, 0.1]])
+    m = classification_metrics(y, probs)
+    assert m["recall"] == 1.0 and m["precision"] == 1.0 and m["f1"] == 1.0
+    assert m["balanced_accuracy"] == 1.0
+    assert np.asarray(m["confusion_matrix"]).shape == (3, 3)

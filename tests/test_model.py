@@ -119,7 +119,8 @@ def test_train_local_leaves_frozen_part_bit_identical(tiny_images):
     before = {k: v.clone() for k, v in model.state_dict().items()}
     trainable = [n for n, p in model.named_parameters() if p.requires_grad]
     exchanged = set(wire.exchanged_keys(model, bn="avg"))
-    frozen_keys = [k for k in before if k not in exchanged and not k.endswith("num_batches_tracked")]
+    frozen_keys = [k for k in before
+                   if k not in exchanged and not k.endswith("num_batches_tracked")]
     frozen_bn_keys = [k for k in frozen_keys if k.rsplit(".", 1)[0] in _frozen_bn_names(model)]
     assert frozen_bn_keys and any(k.endswith("running_var") for k in frozen_bn_keys)
 
@@ -283,11 +284,6 @@ def test_checkpoint_missing_and_unexpected_keys(tmp_path):
     assert "1 unexpected keys" in message and "extra.weight" in message
 
 
-@pytest.mark.xfail(strict=True, raises=RuntimeError, reason=(
-    "BUG: load_checkpoint only checks missing/unexpected keys; a checkpoint of another backbone "
-    "sharing key names with other shapes (test_resnet 'bn1.*' [32] vs test_efficientnet [24]) "
-    "makes load_state_dict(strict=False) raise a raw RuntimeError instead of a MedfedError"
-))
 def test_checkpoint_of_other_backbone(tmp_path):
     path = tmp_path / "resnet.pt"
     torch.save(_build("0", backbone="test_resnet").state_dict(), path)

@@ -12,9 +12,9 @@ SCHEMES = ("iid", "dirichlet", "quantity", "pathological")
 SITES = 5
 
 
-def _parts(labels, scheme, *, seed=0, sites=SITES, alpha=0.5, labels_per_site=1):
+def _parts(labels, scheme, *, seed=0, sites=SITES, alpha=0.5, labels_per_site=1, **kwargs):
     return partition(labels, scheme=scheme, sites=sites, alpha=alpha,
-                     labels_per_site=labels_per_site, seed=seed)
+                     labels_per_site=labels_per_site, seed=seed, **kwargs)
 
 
 @pytest.fixture(scope="module")
@@ -94,7 +94,8 @@ def test_iid_sizes_equal_and_labels_near_global(pneumonia_labels):
 def test_dirichlet_small_alpha_skews_labels(pneumonia_labels, seed):
     skewed = _positive_fraction_spread(
         pneumonia_labels, _parts(pneumonia_labels, "dirichlet", alpha=0.1, seed=seed))
-    uniform = _positive_fraction_spread(pneumonia_labels, _parts(pneumonia_labels, "iid", seed=seed))
+    uniform = _positive_fraction_spread(pneumonia_labels,
+                                        _parts(pneumonia_labels, "iid", seed=seed))
     # Observed: iid spread 0.007..0.025, dirichlet(0.1) spread 0.385..0.454 for seeds 0-4.
     assert uniform < 0.04
     assert skewed > 0.2
@@ -135,6 +136,33 @@ def test_quantity_small_alpha_unequal_sizes_iid_labels(pneumonia_labels, seed):
 def test_quantity_large_alpha_nearly_equal(pneumonia_labels):
     sizes = np.array([len(p) for p in _parts(pneumonia_labels, "quantity", alpha=1000.0)])
     assert sizes.std() / sizes.mean() < 0.1
+
+
+# --- redrawing until every site has its minimum -----------------------------------------------
+
+@pytest.mark.parametrize("scheme, seed", [("dirichlet", 1), ("dirichlet", 2), ("quantity", 3)])
+def test_min_size_redraws_small_sites(pneumonia_labels, scheme, seed):
+    alpha = 0.1 if scheme == "dirichlet" else 0.3
+    first = _parts(pneumonia_labels, scheme, alpha=alpha, seed=seed)
+    assert min(len(p) for p in first) < 40  # this seed's first draw has a tiny site
+    parts = _parts(pneumonia_labels, scheme, alpha=alpha, seed=seed, min_size=40)
+    assert min(len(p) for p in parts) >= 40
+    np.testing.assert_array_equal(np.sort(np.concatenate(parts)), np.arange(len(pneumonia_labels)))
+    again = _parts(pneumonia_labels, scheme, alpha=alpha, seed=seed, min_size=40)
+    assert all(np.array_equal(a, b) for a, b in zip(parts, again))
+
+
+def test_min_size_zero_is_the_first_draw(pneumonia_labels):
+    default = _parts(pneumonia_labels, "dirichlet", alpha=0.1, seed=1)
+    explicit = _parts(pneumonia_labels, "dirichlet", alpha=0.1, seed=1, min_size=0)
+    assert all(np.array_equal(a, b) for a, b in zip(default, explicit))
+
+
+def test_min_size_unreachable_returns_a_partition(synthetic_labels):
+    # 3000 examples cannot give 5 sites 1000 each: after the attempts the last draw comes back.
+    parts = _parts(synthetic_labels, "dirichlet", alpha=0.5, min_size=1000, attempts=3)
+    assert len(parts) == SITES
+    np.testing.assert_array_equal(np.sort(np.concatenate(parts)), np.arange(len(synthetic_labels)))
 
 
 # --- pathological ------------------------------------------------------------------------------
