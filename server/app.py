@@ -80,6 +80,11 @@ def run_server(
         timeout=config.federation.round_timeout, evaluate_fn=evaluate_fn,
     )
     strategy.rounds.pop(0, None)
+    if schedule.stopped_at:
+        progress(f"early stopping at round {schedule.stopped_at}: no lower aggregated validation "
+                 f"loss for {config.federation.patience} rounds")
+    progress(f"final model: round {schedule.best_round} (lowest aggregated validation loss); "
+             f"evaluating it at every site")
     chosen = strategy.best_arrays or initial
     final_sites = strategy.evaluate_final(grid, chosen, timeout=config.federation.round_timeout)
     if not final_sites.evaluate:

@@ -97,15 +97,8 @@ def test_multiclass_macro_by_hand():
     # Specificity per class: tn / (tn + fp) with 4 negatives and 1 false positive each.
     specificity = [3 / 4, 3 / 4, 3 / 4]
     f1 = [2 * p * r / (p + r) for p, r in zip(precision, recall)]
-    assert result["precision"] == pytest.approx(np.mean(precision))
-    assert result["recall"] == pytest.approx(np.mean(recall))
-    assert result["balanced_accuracy"] == pytest.approx(np.mean(recall))
-    assert result["specificity"] == pytest.approx(np.mean(specificity))
-    assert result["f1"] == pytest.approx(np.mean(f1))
-    expected_auc = np.mean([
-        _pairwise_auc(MC_PROBS[MC_Y == c, c], MC_PROBS[MC_Y != c, c]) for c in range(3)
-    ])
-    assert result["auc"] == pytest.approx(expected_auc)
+    _assert_macro(result, MC_Y, MC_PROBS, precision=precision, recall=recall,
+                  specificity=specificity, f1=f1)
 
 
 def test_multiclass_unequal_classes_macro():
@@ -124,15 +117,8 @@ def test_multiclass_unequal_classes_macro():
     specificity = [1 / 2, 3 / 4, 4 / 4]
     f1 = [2 * p * r / (p + r) if p + r else 0.0 for p, r in zip(precision, recall)]
     assert result["accuracy"] == pytest.approx(3 / 5)
-    assert result["precision"] == pytest.approx(np.mean(precision))
-    assert result["recall"] == pytest.approx(np.mean(recall))
-    assert result["balanced_accuracy"] == pytest.approx(np.mean(recall))
-    assert result["specificity"] == pytest.approx(np.mean(specificity))
-    assert result["f1"] == pytest.approx(np.mean(f1))
-    expected_auc = np.mean([
-        _pairwise_auc(probs[y == c, c], probs[y != c, c]) for c in range(3)
-    ])
-    assert result["auc"] == pytest.approx(expected_auc)
+    _assert_macro(result, y, probs, precision=precision, recall=recall,
+                  specificity=specificity, f1=f1)
 
 
 def test_multiclass_missing_class_still_has_auc():
@@ -169,3 +155,15 @@ def test_multiclass_macro_ignores_a_class_absent_from_the_split():
     assert m["recall"] == 1.0 and m["precision"] == 1.0 and m["f1"] == 1.0
     assert m["balanced_accuracy"] == 1.0
     assert np.asarray(m["confusion_matrix"]).shape == (3, 3)
+
+
+def _assert_macro(result, y, probs, *, precision, recall, specificity, f1):
+    """Macro metrics equal the means of the hand-computed per-class values."""
+    assert result["precision"] == pytest.approx(np.mean(precision))
+    assert result["recall"] == pytest.approx(np.mean(recall))
+    assert result["balanced_accuracy"] == pytest.approx(np.mean(recall))
+    assert result["specificity"] == pytest.approx(np.mean(specificity))
+    assert result["f1"] == pytest.approx(np.mean(f1))
+    expected_auc = np.mean([_pairwise_auc(probs[y == c, c], probs[y != c, c])
+                            for c in range(probs.shape[1])])
+    assert result["auc"] == pytest.approx(expected_auc)
