@@ -49,6 +49,11 @@ def site_summary(raw: dict) -> dict:
     return {"n": {s: sum(h) for s, h in histograms.items()}, "label_histogram": histograms}
 
 
+def _per_round(rounds: dict[int, RoundRecord], attribute: str) -> list[dict]:
+    return [{"round": n, "sites": dict(sorted(getattr(rounds[n], attribute).items()))}
+            for n in sorted(rounds)]
+
+
 def build_report(
     *,
     config: dict,
@@ -68,7 +73,7 @@ def build_report(
         round_list.append({
             "round": number,
             "lr": record.lr,
-            "train": record.train,
+            "train": dict(sorted(record.train.items())),
             "evaluate": {
                 site: {s: split_metrics(raw, s, num_classes) for s in ("val", "test")}
                 for site, raw in sorted(record.evaluate.items())
@@ -96,10 +101,8 @@ def build_report(
             "total_params": model["total_params"],
             "exchanged_tensors": model["exchanged_tensors"],
             "payload_bytes": model["payload_bytes"],
-            "bytes_up_per_round": [{"round": r["round"], "sites": rounds[r["round"]].bytes_up}
-                                   for r in round_list],
-            "bytes_down_per_round": [{"round": r["round"], "sites": rounds[r["round"]].bytes_down}
-                                     for r in round_list],
+            "bytes_up_per_round": _per_round(rounds, "bytes_up"),
+            "bytes_down_per_round": _per_round(rounds, "bytes_down"),
         },
         "model": model,
         "timing": {"wall_s": round(wall_s, 2)},

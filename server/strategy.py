@@ -150,7 +150,9 @@ class MedfedStrategy(Strategy):
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]
                         ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        replies = list(replies)
+        # Replies arrive in whatever order the sites finish; a fixed order makes the floating-point
+        # sums, and so the whole run, reproducible for a given seed.
+        replies = sorted(replies, key=site_name)
         if server_round not in self.rounds:
             return None, None  # a round skipped after early stopping
         record = self.record(server_round)
@@ -208,7 +210,7 @@ class MedfedStrategy(Strategy):
                 reply.metadata.src_node_id, 0)
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
-        replies = list(replies)
+        replies = sorted(replies, key=site_name)
         if server_round not in self.rounds:
             return None
         record = self.record(server_round)

@@ -162,3 +162,16 @@ def test_early_stopping_keeps_best_arrays_and_stops_sampling():
     assert list(strategy.configure_train(5, arrays, ConfigRecord(), grid)) == []
     assert strategy.aggregate_train(5, []) == (None, None)
     assert 5 not in strategy.rounds
+
+
+def test_aggregate_does_not_depend_on_reply_order():
+    results = []
+    for order in ([0, 1, 2], [2, 0, 1]):
+        strategy, model, keys = make_strategy("fedavg")
+        initial = wire.to_record(model, keys)
+        messages = list(strategy.configure_train(1, initial, ConfigRecord(), MockGrid([1, 2, 3])))
+        replies = [reply_to(messages[i], arrays=perturbed(initial, scale=0.3, seed=i), n=7 + 13 * i,
+                            site=f"site-{i}") for i in range(3)]
+        arrays, _ = strategy.aggregate_train(1, [replies[i] for i in order])
+        results.append({k: a.numpy().tobytes() for k, a in arrays.items()})
+    assert results[0] == results[1]
