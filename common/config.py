@@ -18,6 +18,7 @@ from typing import Any
 import yaml
 
 from medfed.common.errors import MedfedError
+from medfed.common.medmnist_catalogue import DATASETS
 
 STRATEGIES = ("fedavg", "fedprox", "fedadam", "fedyogi", "fedmedian", "fedtrimmedavg")
 PARTITIONS = ("iid", "dirichlet", "quantity", "pathological")
@@ -237,8 +238,6 @@ def _check(ok: bool, key: str, value: Any, allowed: str) -> None:
 
 def validate(config: Config) -> Config:
     """Check every value that does not need the data or the model; raise on the first problem."""
-    from medfed.common.medmnist_catalogue import DATASETS
-
     d, p, m, t, f, s = (
         config.data, config.partition, config.model, config.train, config.federation,
         config.simulation,

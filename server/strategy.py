@@ -44,7 +44,8 @@ def mean_scalar_metrics(records: list[RecordDict], weight_key: str) -> MetricRec
             continue
         values = np.array([float(r["metrics"][key]) for r in records])
         ok = ~np.isnan(values)
-        result[key] = float(np.average(values[ok], weights=weights[ok])) if ok.any() and weights[ok].sum() > 0 else float("nan")
+        defined = ok.any() and weights[ok].sum() > 0
+        result[key] = float(np.average(values[ok], weights=weights[ok])) if defined else float("nan")
     return result
 
 
