@@ -196,6 +196,10 @@ class MedfedStrategy(Strategy):
         if self.schedule.stopped:
             return []
         self._evaluated = arrays
+        return self._evaluation_messages(server_round, arrays, config, grid)
+
+    def _evaluation_messages(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
+                             grid: Grid) -> list[Message]:
         messages = self.inner.configure_evaluate(server_round, arrays, self._config(config), grid)
         self._sent = {}
         return self._note_sent(messages, arrays)
@@ -227,9 +231,6 @@ class MedfedStrategy(Strategy):
     def evaluate_final(self, grid: Grid, arrays: ArrayRecord, *, timeout: float) -> RoundRecord:
         """Every site evaluates the chosen global model on its own splits."""
         record = RoundRecord(round=self.schedule.best_round, lr=self.schedule.lr)
-        config = self._config(ConfigRecord({"server-round": 0}))
-        messages = self.inner.configure_evaluate(0, arrays, config, grid)
-        self._sent = {}
-        messages = self._note_sent(messages, arrays)
+        messages = self._evaluation_messages(0, arrays, ConfigRecord(), grid)
         self.collect_evaluation(grid.send_and_receive(messages, timeout=timeout), record)
         return record
