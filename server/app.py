@@ -44,7 +44,7 @@ def run_server(
     initial = wire.to_record(model, keys)
     trainable, total = count_parameters(model)
     device = pick_device(config.train.device)
-    transform = build_transform(model, image_size=config.data.image_size, train=False)
+    transform = build_transform(model, config.data, train=False)
 
     def global_metrics(arrays: ArrayRecord) -> dict:
         wire.load_record(model, arrays, keys=keys)

@@ -178,7 +178,8 @@ def render_markdown(report: dict) -> str:
     ]
     rows = dict(final["sites"])
     if final["global"]:
-        rows["global (official test split)"] = final["global"]
+        held_out = (report.get("partition") or {}).get("global_test", "held-out test set")
+        rows[f"global ({held_out})"] = final["global"]
     lines += metrics_table(rows)
     lines += ["", "## Sites", "", "| site | train | val | test | label histogram (train+val+test) |",
               "|---|---|---|---|---|"]

@@ -1,4 +1,4 @@
-"""Seeded non-IID partitioners and the per-site stratified 70/15/15 split.
+"""Seeded non-IID partitioners of a pooled dataset across simulated sites.
 
 Each partitioner returns one index array per site; together they are disjoint and cover every
 example exactly once.
@@ -7,12 +7,8 @@ example exactly once.
 from __future__ import annotations
 
 import numpy as np
-from sklearn.model_selection import train_test_split
 
 from medfed.common.errors import MedfedError
-
-SITE_SPLIT = {"train": 0.70, "val": 0.15, "test": 0.15}
-
 
 def iid(labels: np.ndarray, *, sites: int, rng: np.random.Generator) -> list[np.ndarray]:
     return [np.sort(part) for part in np.array_split(rng.permutation(len(labels)), sites)]
@@ -95,20 +91,3 @@ def partition(labels: np.ndarray, *, scheme: str, sites: int, alpha: float, labe
         if min(len(p) for p in parts) >= min_size:
             break
     return parts
-
-
-def split_site(index: np.ndarray, labels: np.ndarray, *, seed: int) -> dict[str, np.ndarray]:
-    """Stratified 70/15/15 train/val/test split of one site's examples.
-
-    Stratification falls back to a plain random split where a class is too rare to stratify."""
-    site_labels = labels[index]
-
-    def cut(idx, lab, size):
-        try:
-            return train_test_split(idx, lab, test_size=size, random_state=seed, stratify=lab)
-        except ValueError:
-            return train_test_split(idx, lab, test_size=size, random_state=seed)
-
-    train, rest, _, rest_labels = cut(index, site_labels, SITE_SPLIT["val"] + SITE_SPLIT["test"])
-    val, test, _, _ = cut(rest, rest_labels, SITE_SPLIT["test"] / (SITE_SPLIT["val"] + SITE_SPLIT["test"]))
-    return {"train": np.sort(train), "val": np.sort(val), "test": np.sort(test)}

@@ -1,24 +1,19 @@
-"""`medfed simulate`: partition a public dataset across virtual sites and run the medfed
-ServerApp and ClientApp in Flower's Simulation Engine (Ray backend).
-
-Everything that can be checked before training is checked first, so bad input leaves no run
-directory at all. Outputs are written to `<out>.incomplete` and renamed to `<out>` only once the
-report exists: a directory named `<out>` is always a finished run.
+"""One federated simulation: split a public dataset (or a hospital-style folder or manifest)
+across virtual sites, and run the medfed ServerApp and ClientApp in Flower's Simulation Engine
+(Ray backend). `prepare` checks everything that can be checked before training, so bad input
+fails before any run directory exists.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import shutil
-import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
-import yaml
 
 from medfed.client.app import app as client_app
 from medfed.client.site_data import simulated_site_name
@@ -27,10 +22,13 @@ from medfed.common.dataset import LabelledImages, load_splits, save_splits
 from medfed.common.errors import MedfedError
 from medfed.common.medmnist import data_dir, locate
 from medfed.common.medmnist_catalogue import DATASETS
-from medfed.common.model import build_model
+from medfed.common.model import build_model, native_input_size
+from medfed.common.sources import discover, load
+from medfed.common.splits import split_indices
 from medfed.server.app import make_server_app
-from medfed.simulations.partition import partition, split_site
+from medfed.simulations.partition import partition
 
+MEDMNIST_IMAGE_SIZE = 64
 CITATION = (
     "MedMNIST v2 (CC BY 4.0): Yang, Shi, Wei, Liu, Zhao, Ke, Pfister, Ni, \"MedMNIST v2 - A "
     "large-scale lightweight benchmark for 2D and 3D biomedical image classification\", "
@@ -47,9 +45,19 @@ class Prepared:
     global_test: LabelledImages
 
 
-def prepare(config: Config) -> Prepared:
-    """Validate the config against the data and the model, and partition the data."""
+def prepare(config: Config, *, fold: tuple[int, int] | None = None) -> Prepared:
+    """Validate the config against the data and the model, and split the data into sites.
+
+    `fold=(i, k)`: each site's test split is its fold i of k (cross-validation)."""
     validate(config)
+    if config.data.path:
+        return _prepare_collection(config, fold=fold)
+    return _prepare_medmnist(config, fold=fold)
+
+
+def _prepare_medmnist(config: Config, *, fold: tuple[int, int] | None) -> Prepared:
+    if config.data.image_size is None:
+        config.data.image_size = MEDMNIST_IMAGE_SIZE
     path = locate(config.data.dataset, config.data.resolution, data_dir(config.data.data_dir))
     official = load_splits(path)
     if set(official) != {"train", "val", "test"}:
@@ -57,27 +65,11 @@ def prepare(config: Config) -> Prepared:
     info = DATASETS[config.data.dataset]
     classes = info["labels"]
     _check_model(config, num_classes=len(classes))
-
     pool = LabelledImages(
         np.concatenate([official["train"].images, official["val"].images]),
         np.concatenate([official["train"].labels, official["val"].labels]),
     )
-    p = config.partition
-    parts = partition(pool.labels, scheme=p.scheme, sites=p.sites, alpha=p.alpha,
-                      labels_per_site=p.labels_per_site, seed=config.seed,
-                      min_size=p.min_examples)
-    sizes = [len(part) for part in parts]
-    if min(sizes) < p.min_examples:
-        small = ", ".join(f"{simulated_site_name(i)}: {n}" for i, n in enumerate(sizes) if n < p.min_examples)
-        raise MedfedError(
-            f"{p.sites} sites leave too few examples for some of them ({small}; minimum "
-            f"partition.min_examples={p.min_examples}) out of {len(pool)} pooled examples; "
-            f"100 draws were tried; use fewer --sites or a larger --alpha"
-        )
-    sites = {}
-    for i, part in enumerate(parts):
-        split = split_site(part, pool.labels, seed=config.seed)
-        sites[simulated_site_name(i)] = {s: pool.subset(idx) for s, idx in split.items()}
+    sites = _split_sites(config, pool, parts=_partition(config, pool.labels), patients=None, fold=fold)
     dataset = {
         "name": config.data.dataset,
         "file": str(path),
@@ -87,12 +79,97 @@ def prepare(config: Config) -> Prepared:
         "official_splits": {s: len(d) for s, d in official.items()},
         "citation": CITATION,
     }
-    partition_info = {
+    return Prepared(config, dataset, _partition_info(config, pool="official train + val",
+                                                     global_test="official test split"),
+                    sites, official["test"])
+
+
+def _prepare_collection(config: Config, *, fold: tuple[int, int] | None) -> Prepared:
+    """A hospital's folder or manifest: decoded once here, then split like a public dataset."""
+    if config.data.image_size is None:
+        config.data.image_size = native_input_size(config.model.backbone)
+    collection = discover(config.data.path)
+    _check_model(config, num_classes=len(collection.classes))
+    loaded = load(collection, image_size=config.data.image_size, frame=config.data.frame,
+                  skip_bad=config.data.skip_bad)
+    if config.partition.scheme == "natural":
+        if loaded.sites is None:
+            raise MedfedError(
+                f"--partition natural needs a manifest with a 'site' column; {config.data.path} "
+                f"has none. Add one, or use iid/dirichlet/quantity/pathological"
+            )
+        names = sorted(set(loaded.sites))
+        if len(names) < 2:
+            raise MedfedError(f"the manifest's site column names only {names[0]}; a federation needs 2 or more")
+        config.partition.sites = len(names)
+        parts = [np.flatnonzero(loaded.sites == name) for name in names]
+    else:
+        names = None
+        parts = _partition(config, loaded.images.labels, patients=loaded.patients)
+    sites = _split_sites(config, loaded.images, parts=parts, patients=loaded.patients, names=names,
+                         fold=fold)
+    global_test = LabelledImages(
+        np.concatenate([s["test"].images for s in sites.values()]),
+        np.concatenate([s["test"].labels for s in sites.values()]),
+    )
+    dataset = {
+        "name": Path(config.data.path).name,
+        "file": str(Path(config.data.path).resolve()),
+        "source": collection.kind,
+        "task": "binary-class" if len(collection.classes) == 2 else "multi-class",
+        "classes": loaded.classes,
+        "images": len(loaded.images),
+        "patients": None if loaded.patients is None else len(set(loaded.patients)),
+        "skipped_files": len(loaded.skipped),
+        "skipped_examples": [f"{p.file}: {p.reason}" for p in loaded.skipped[:20]],
+    }
+    info = _partition_info(config, pool="all readable images",
+                           global_test="pooled test splits of the sites")
+    info["site_split"] += " by patient" if loaded.patients is not None else ""
+    return Prepared(config, dataset, info, sites, global_test)
+
+
+def _partition(config: Config, labels: np.ndarray, *, patients: np.ndarray | None = None
+               ) -> list[np.ndarray]:
+    """Indices of each simulated site; a patient's images always go to one site."""
+    p = config.partition
+    if patients is None:
+        return partition(labels, scheme=p.scheme, sites=p.sites, alpha=p.alpha,
+                         labels_per_site=p.labels_per_site, seed=config.seed, min_size=p.min_examples)
+    # Partition patients (labelled by their first image), then hand each site its patients' images.
+    _, first, owner = np.unique(patients, return_index=True, return_inverse=True)
+    groups = partition(labels[first], scheme=p.scheme, sites=p.sites, alpha=p.alpha,
+                       labels_per_site=p.labels_per_site, seed=config.seed)
+    return [np.flatnonzero(np.isin(owner, group)) for group in groups]
+
+
+def _split_sites(config: Config, pool: LabelledImages, *, parts: list[np.ndarray],
+                 patients: np.ndarray | None, names: list[str] | None = None,
+                 fold: tuple[int, int] | None = None) -> dict[str, dict[str, LabelledImages]]:
+    names = names or [simulated_site_name(i) for i in range(len(parts))]
+    minimum = config.partition.min_examples
+    small = [f"{name}: {len(part)}" for name, part in zip(names, parts) if len(part) < minimum]
+    if small:
+        raise MedfedError(
+            f"{len(parts)} sites leave too few examples for some of them ({', '.join(small)}; "
+            f"minimum partition.min_examples={minimum}) out of {len(pool)} examples; "
+            f"use fewer --sites or a larger --alpha"
+        )
+    sites = {}
+    for name, part in zip(names, parts):
+        split = split_indices(pool.labels[part], seed=config.seed, site=name, fold=fold,
+                              groups=None if patients is None else patients[part])
+        sites[name] = {s: pool.subset(part[positions]) for s, positions in split.items()}
+    return sites
+
+
+def _partition_info(config: Config, *, pool: str, global_test: str) -> dict:
+    p = config.partition
+    return {
         "scheme": p.scheme, "alpha": p.alpha, "labels_per_site": p.labels_per_site,
         "seed": config.seed, "site_split": "stratified 70/15/15",
-        "pool": "official train + val", "global_test": "official test split",
+        "pool": pool, "global_test": global_test,
     }
-    return Prepared(config, dataset, partition_info, sites, official["test"])
 
 
 def _check_model(config: Config, *, num_classes: int) -> None:
@@ -109,43 +186,35 @@ def _check_model(config: Config, *, num_classes: int) -> None:
         ) from None
 
 
-def default_out(config: Config) -> Path:
-    stamp = time.strftime("%Y%m%d-%H%M%S")
-    return Path("runs") / f"{config.data.dataset}-{config.federation.strategy}-{stamp}"
+def save_sites(prepared: Prepared, sites_dir: Path) -> None:
+    """Each site's splits as `site-<i>.npz`, the file its virtual SuperNode reads."""
+    sites_dir.mkdir(parents=True, exist_ok=True)
+    # Files are named by position: a hospital's site name need not be a safe file name.
+    for i, splits in enumerate(prepared.sites.values()):
+        save_splits(sites_dir / f"{simulated_site_name(i)}.npz", splits)
 
 
-def simulate(config: Config, *, progress=print, verbose: bool = False) -> tuple[Path, dict]:
-    prepared = prepare(config)
-    out = Path(config.out) if config.out else default_out(config)
-    if out.exists() and any(out.iterdir()):
-        raise MedfedError(f"output directory {out} already exists and is not empty; choose another --out")
-    config.out = str(out)
-    staging = out.with_name(out.name + ".incomplete")
-    shutil.rmtree(staging, ignore_errors=True)
-    (staging / "sites").mkdir(parents=True)
-    (staging / "config.yaml").write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
-    for name, splits in prepared.sites.items():
-        save_splits(staging / "sites" / f"{name}.npz", splits)
-    for name, splits in prepared.sites.items():
-        progress(f"{name}: " + ", ".join(f"{s} {len(d)}" for s, d in splits.items())
-                 + " | labels " + str(np.bincount(
-                     np.concatenate([d.labels for d in splits.values()]),
-                     minlength=len(prepared.dataset["classes"])).tolist()))
+def run_federation(prepared: Prepared, config: Config, *, run_dir: Path, sites_dir: Path,
+                   progress=print, verbose: bool = False) -> dict:
+    """The medfed ServerApp and ClientApp on Flower's Simulation Engine; returns the run report.
 
+    `run_dir` receives report.json/md, metrics.csv and global_model.pt; the sites read
+    `sites_dir` (written by `save_sites`)."""
+    run_dir.mkdir(parents=True, exist_ok=True)
     server_app = make_server_app(
-        config=config, run_dir=staging, dataset=prepared.dataset, num_sites=config.partition.sites,
+        config=config, run_dir=run_dir, dataset=prepared.dataset, num_sites=len(prepared.sites),
         global_test=prepared.global_test, partition=prepared.partition,
-        site_config={"sites-dir": str((staging / "sites").resolve())}, progress=progress,
+        site_config={"sites-dir": str(sites_dir.resolve()), "site-names": list(prepared.sites)},
+        progress=progress,
     )
-    _run_engine(server_app, config, verbose=verbose)
-    report_path = staging / "report.json"
+    _run_engine(server_app, config, num_sites=len(prepared.sites), verbose=verbose)
+    report_path = run_dir / "report.json"
     if not report_path.is_file():
-        raise MedfedError(f"the simulation ended without a report; see the log above ({staging} kept)")
-    staging.rename(out)
-    return out, json.loads((out / "report.json").read_text())
+        raise MedfedError(f"the federated run ended without a report; see the log above ({run_dir} kept)")
+    return json.loads(report_path.read_text())
 
 
-def _run_engine(server_app, config: Config, *, verbose: bool) -> None:
+def _run_engine(server_app, config: Config, *, num_sites: int, verbose: bool) -> None:
     # Ray announces a future change of how it hides GPUs from CPU-only actors; medfed relies on
     # today's behaviour (sites given no GPU see none), so the notice is noise for users.
     warnings.filterwarnings("ignore", message=".*RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO.*")
@@ -156,11 +225,11 @@ def _run_engine(server_app, config: Config, *, verbose: bool) -> None:
     s = config.simulation
     gpus = s.gpus_per_site
     if gpus is None:
-        gpus = 1.0 / config.partition.sites if torch.cuda.is_available() else 0.0
+        gpus = 1.0 / num_sites if torch.cuda.is_available() else 0.0
     run_simulation(
         server_app=server_app,
         client_app=client_app,
-        num_supernodes=config.partition.sites,
+        num_supernodes=num_sites,
         backend_config={
             "client_resources": {"num_cpus": s.cpus_per_site, "num_gpus": gpus},
             "init_args": {"logging_level": "INFO" if verbose else "ERROR",

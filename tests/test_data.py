@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from medfed.common import medmnist
-from medfed.common.config import ModelConfig
+from medfed.common.config import DataConfig, ModelConfig
 from medfed.common.dataset import LabelledImages, TransformedImages, load_splits, save_splits
 from medfed.common.errors import MedfedError
 from medfed.common.medmnist_catalogue import RECORD_URL
@@ -257,7 +257,7 @@ def test_eval_transform_normalises_with_model_stats(tiny_model, size):
     value = 200
     images = np.full((1, 28, 28), value, dtype=np.uint8)
     dataset = TransformedImages(LabelledImages(images, np.array([1])),
-                                build_transform(tiny_model, image_size=size, train=False))
+                                build_transform(tiny_model, DataConfig(image_size=size), train=False))
     tensor, label = dataset[0]
     assert label == 1
     assert tensor.dtype == torch.float32
@@ -274,7 +274,7 @@ def test_eval_transform_keeps_pixels_at_native_size(tiny_model):
     std = torch.tensor(data_config["std"]).view(3, 1, 1)
     image = np.random.default_rng(1).integers(0, 256, (1, 28, 28), dtype=np.uint8)
     dataset = TransformedImages(LabelledImages(image, np.array([0])),
-                                build_transform(tiny_model, image_size=28, train=False))
+                                build_transform(tiny_model, DataConfig(image_size=28), train=False))
     tensor, _ = dataset[0]
     gray = torch.from_numpy(image[0].astype(np.float32) / 255.0)
     torch.testing.assert_close(tensor, (gray - mean) / std, atol=1e-5, rtol=1e-5)
@@ -285,7 +285,7 @@ def test_eval_transform_keeps_pixels_at_native_size(tiny_model):
 def test_eval_transform_rgb_image(tiny_model):
     image = np.random.default_rng(2).integers(0, 256, (1, 30, 30, 3), dtype=np.uint8)
     dataset = TransformedImages(LabelledImages(image, np.array([0])),
-                                build_transform(tiny_model, image_size=32, train=False))
+                                build_transform(tiny_model, DataConfig(image_size=32), train=False))
     tensor, _ = dataset[0]
     assert tensor.shape == (3, 32, 32)
     assert not torch.equal(tensor[0], tensor[1])
@@ -295,7 +295,7 @@ def test_eval_transform_rgb_image(tiny_model):
 def test_train_transform_draws_per_call(tiny_model, seed):
     image = np.random.default_rng(3).integers(0, 256, (1, 28, 28), dtype=np.uint8)
     dataset = TransformedImages(LabelledImages(image, np.array([0])),
-                                build_transform(tiny_model, image_size=32, train=True, seed=seed))
+                                build_transform(tiny_model, DataConfig(image_size=32), train=True, seed=seed))
     outputs = [dataset[0][0] for _ in range(6)]
     assert all(o.shape == (3, 32, 32) and o.dtype == torch.float32 for o in outputs)
     distinct = {tuple(o.flatten()[:256].tolist()) for o in outputs}
@@ -304,8 +304,8 @@ def test_train_transform_draws_per_call(tiny_model, seed):
 
 def test_train_transform_seed_reproducible(tiny_model):
     image = np.random.default_rng(4).integers(0, 256, (28, 28, 3), dtype=np.uint8)
-    first = build_transform(tiny_model, image_size=32, train=True, seed=7)
-    again = build_transform(tiny_model, image_size=32, train=True, seed=7)
+    first = build_transform(tiny_model, DataConfig(image_size=32), train=True, seed=7)
+    again = build_transform(tiny_model, DataConfig(image_size=32), train=True, seed=7)
     a = [first(image=image)["image"] for _ in range(3)]
     b = [again(image=image)["image"] for _ in range(3)]
     for x, y in zip(a, b):

@@ -10,7 +10,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 import medfed.common.model as model_module
 from medfed.client.training import train_local
 from medfed.common import wire
-from medfed.common.config import ModelConfig, TrainConfig
+from medfed.common.config import DataConfig, ModelConfig, TrainConfig
 from medfed.common.errors import MedfedError
 from medfed.common.model import build_model, load_checkpoint, load_imagenet, stage_groups
 from medfed.common.transforms import build_transform
@@ -124,7 +124,7 @@ def test_train_local_leaves_frozen_part_bit_identical(tiny_images):
     frozen_bn_keys = [k for k in frozen_keys if k.rsplit(".", 1)[0] in _frozen_bn_names(model)]
     assert frozen_bn_keys and any(k.endswith("running_var") for k in frozen_bn_keys)
 
-    transform = build_transform(model, image_size=32, train=True, seed=0)
+    transform = build_transform(model, DataConfig(image_size=32), train=True, seed=0)
     config = TrainConfig(batch_size=len(tiny_images), local_epochs=1, device="cpu")
     loss = train_local(model, tiny_images, transform=transform, config=config, lr=1e-2,
                        proximal_mu=0.0, device=torch.device("cpu"), seed=0)

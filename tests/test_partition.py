@@ -1,4 +1,4 @@
-"""Seeded non-IID partitioners and the per-site stratified 70/15/15 split."""
+"""Seeded non-IID partitioners of a pooled dataset across simulated sites."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from medfed.common.errors import MedfedError
-from medfed.simulations.partition import SITE_SPLIT, partition, split_site
+from medfed.simulations.partition import partition
 
 SCHEMES = ("iid", "dirichlet", "quantity", "pathological")
 SITES = 5
@@ -216,53 +216,3 @@ def test_pathological_impossible_settings(synthetic_labels, sites, labels_per_si
 def test_pathological_impossible_binary(pneumonia_labels):
     with pytest.raises(MedfedError, match="2 classes"):
         _parts(pneumonia_labels, "pathological", sites=5, labels_per_site=3)
-
-
-# --- split_site --------------------------------------------------------------------------------
-
-def _check_split(index, labels, splits, *, tolerance):
-    parts = [splits["train"], splits["val"], splits["test"]]
-    joined = np.concatenate(parts)
-    np.testing.assert_array_equal(np.sort(joined), np.sort(index))
-    assert len(np.unique(joined)) == len(joined)
-    n = len(index)
-    for name, part in zip(("train", "val", "test"), parts):
-        assert abs(len(part) / n - SITE_SPLIT[name]) < 0.02, (name, len(part), n)
-        for cls in np.unique(labels[index]):
-            site_fraction = (labels[index] == cls).mean()
-            assert abs((labels[part] == cls).mean() - site_fraction) < tolerance, (name, cls)
-
-
-@pytest.mark.parametrize("seed", [0, 1])
-def test_split_site_binary_stratified(pneumonia_labels, seed):
-    index = _parts(pneumonia_labels, "dirichlet", alpha=1.0, seed=seed)[0]
-    assert len(index) > 300
-    splits = split_site(index, pneumonia_labels, seed=seed)
-    _check_split(index, pneumonia_labels, splits, tolerance=0.02)
-
-
-def test_split_site_multiclass_stratified(synthetic_labels):
-    index = _parts(synthetic_labels, "iid", seed=0)[0]
-    splits = split_site(index, synthetic_labels, seed=0)
-    _check_split(index, synthetic_labels, splits, tolerance=0.03)
-
-
-def test_split_site_deterministic(pneumonia_labels):
-    index = _parts(pneumonia_labels, "iid")[1]
-    first = split_site(index, pneumonia_labels, seed=5)
-    again = split_site(index, pneumonia_labels, seed=5)
-    other = split_site(index, pneumonia_labels, seed=6)
-    for name in ("train", "val", "test"):
-        np.testing.assert_array_equal(first[name], again[name])
-    assert not np.array_equal(first["test"], other["test"])
-
-
-def test_split_site_rare_class_falls_back(synthetic_labels):
-    """A class with a single example cannot be stratified; the split still covers the site."""
-    zeros = np.flatnonzero(synthetic_labels == 0)[:59]
-    lone_one = np.flatnonzero(synthetic_labels == 1)[:1]
-    index = np.sort(np.concatenate([zeros, lone_one]))
-    splits = split_site(index, synthetic_labels, seed=0)
-    joined = np.concatenate([splits["train"], splits["val"], splits["test"]])
-    np.testing.assert_array_equal(np.sort(joined), index)
-    assert [len(splits[k]) for k in ("train", "val", "test")] == [42, 9, 9]

@@ -15,7 +15,7 @@ import pytest
 import torch
 import yaml
 
-from medfed.common.config import Config, from_dict
+from medfed.common.config import Config, DataConfig, from_dict
 from medfed.common.dataset import load_splits
 from medfed.common.inference import evaluate
 from medfed.common.model import build_model
@@ -37,24 +37,30 @@ def finished_run(tmp_path_factory, medmnist_dir):
     out = tmp_path_factory.mktemp("runs") / "breast"
     result = medfed("simulate", "--dataset", "breastmnist", "--sites", "3", "--alpha", "1.0",
                     "--rounds", "2", "--freeze", "2", "--seed", "0", *TINY, "--out", str(out),
-                    "--set", "simulation.cpus_per_site=1", data_dir=medmnist_dir)
+                    "--compare", "federated", "--set", "simulation.cpus_per_site=1",
+                    data_dir=medmnist_dir)
     assert result.returncode == 0, result.stdout + result.stderr
-    return out, json.loads((out / "report.json").read_text()), result.stdout
+    # The federated run's own report; the comparison report around it is tested in test_compare.
+    federated = out / "seed-0" / "federated"
+    return federated, json.loads((federated / "report.json").read_text()), result.stdout
 
 
 def test_run_directory_is_complete(finished_run):
-    out, _, stdout = finished_run
-    for name in ("config.yaml", "report.json", "report.md", "metrics.csv", "global_model.pt"):
+    federated, _, stdout = finished_run
+    out = federated.parents[1]
+    for name in ("config.yaml", "runs.json", "report.json", "report.md", "report.html"):
         assert (out / name).is_file(), name
-    assert sorted(p.name for p in (out / "sites").iterdir()) == [f"site-{i}.npz" for i in range(3)]
+    for name in ("report.json", "report.md", "metrics.csv", "global_model.pt"):
+        assert (federated / name).is_file(), name
+    assert sorted(p.name for p in (out / "seed-0" / "sites").iterdir()) == [f"site-{i}.npz" for i in range(3)]
     assert not out.with_name(out.name + ".incomplete").exists()
-    assert "round   2/2" in stdout and "| global |" in stdout
+    assert "round   2/2" in stdout and "global test AUC" in stdout
 
 
 def test_report_contract(finished_run, medmnist_dir):
     out, report, _ = finished_run
     assert REPORT_KEYS <= set(report)
-    assert report["config"] == yaml.safe_load((out / "config.yaml").read_text())
+    assert report["config"] == yaml.safe_load((out.parents[1] / "config.yaml").read_text())
     assert from_dict(report["config"]).federation.rounds == 2
     assert report["dataset"]["name"] == "breastmnist"
     assert report["dataset"]["classes"] == ["malignant", "normal, benign"]
@@ -122,7 +128,7 @@ def test_checkpoint_reproduces_the_reported_global_metrics(finished_run, medmnis
     model = build_model(config.model, num_classes=2, seed=config.seed)
     model.load_state_dict(checkpoint["model"])
     test = load_splits(medmnist_dir / "breastmnist.npz")["test"]
-    metrics = evaluate(model, test, transform=build_transform(model, image_size=32, train=False),
+    metrics = evaluate(model, test, transform=build_transform(model, DataConfig(image_size=32), train=False),
                        batch_size=32, device=torch.device("cpu"))
     assert metrics["auc"] == pytest.approx(report["final"]["global"]["auc"], abs=1e-6)
     assert metrics["confusion_matrix"] == report["final"]["global"]["confusion_matrix"]

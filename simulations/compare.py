@@ -1,0 +1,261 @@
+"""`medfed simulate`: every requested mode trained on the same sites, seeds and test sets.
+
+Modes: `federated` (the configured strategy on Flower), `centralized` (the pooled training data),
+`local` (each site alone), `scratch` (federated without transfer learning: same architecture,
+random initialisation, every layer trained) and `classical` (SVM and random forest on pixels and
+on frozen pretrained CNN features). For each seed (and fold, and training fraction) the data is
+split once and every mode sees exactly that split.
+
+What each mode's models predict on every validation and test split is saved
+(`predictions.npz`), with the models and the sites' data, so the evidence report
+(`simulations.evidence`) is computed from files and `medfed report RUN_DIR` can rebuild it.
+Outputs go to `<out>.incomplete`, renamed to `<out>` once the report exists: a directory named
+`<out>` is always a finished comparison.
+"""
+
+from __future__ import annotations
+
+import copy
+import shutil
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import yaml
+
+from medfed.common.config import Config, comparison_plan, validate
+from medfed.common.dataset import LabelledImages, TransformedImages
+from medfed.common.errors import MedfedError
+from medfed.common.files import write_json
+from medfed.common.inference import pick_device, predict
+from medfed.common.model import build_model, load_saved_model
+from medfed.common.splits import subsample
+from medfed.common.transforms import build_transform
+from medfed.simulations import baselines
+from medfed.simulations.evidence import RUNS_FILE, write_evidence
+from medfed.simulations.run import Prepared, prepare, run_federation, save_sites
+
+def simulate(config: Config, *, progress=print, verbose: bool = False) -> tuple[Path, dict]:
+    modes, seeds, fractions = comparison_plan(validate(config))
+    folds = config.evidence.folds
+    fold_list = [(i, folds) for i in range(folds)] if folds else [None]
+    first_config = copy.deepcopy(config)
+    first_config.seed = seeds[0]
+    first = prepare(first_config, fold=fold_list[0])
+    config.data.image_size = first.config.data.image_size
+    config.partition.sites = len(first.sites)
+    out = Path(config.out) if config.out else _default_out(config)
+    if out.exists() and any(out.iterdir()):
+        raise MedfedError(f"output directory {out} already exists and is not empty; choose another --out")
+    config.out = str(out)
+    staging = out.with_name(out.name + ".incomplete")
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    (staging / "config.yaml").write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
+    _announce(first, progress)
+    started = time.perf_counter()
+    runs = []
+    for seed in seeds:
+        for fold in fold_list:
+            run_config = copy.deepcopy(config)
+            run_config.seed = seed
+            prepared = first if (seed, fold) == (seeds[0], fold_list[0]) else prepare(run_config, fold=fold)
+            for fraction in fractions:
+                name = _run_name(seed, fold, fraction, fractions=len(fractions))
+                progress(f"== {name}: {', '.join(modes)}")
+                runs.append(run_modes(_with_fraction(prepared, fraction, seed=seed), run_config,
+                                      modes=modes, run_dir=staging / name, progress=progress,
+                                      verbose=verbose) | {"dir": name, "seed": seed,
+                                                          "fold": None if fold is None else fold[0],
+                                                          "fraction": fraction})
+    write_json(staging / RUNS_FILE, {
+        "config": config.to_dict(), "dataset": first.dataset, "partition": first.partition,
+        "modes": _mode_names(modes), "seeds": seeds, "folds": folds or None,
+        "train_fractions": fractions, "runs": runs, "wall_s": time.perf_counter() - started,
+    })
+    report = write_evidence(staging)
+    staging.rename(out)
+    return out, report
+
+
+def run_modes(prepared: Prepared, config: Config, *, modes: list[str], run_dir: Path,
+              progress, verbose: bool) -> dict:
+    """Train every mode on one split; save predictions and models under `run_dir`."""
+    sites_dir = run_dir / "sites"
+    save_sites(prepared, sites_dir)
+    device = pick_device(config.train.device)
+    num_classes = len(prepared.dataset["classes"])
+    predictions: dict[str, np.ndarray] = {}
+    entry = {"sites": _site_summary(prepared, num_classes), "modes": {}}
+    for mode in modes:
+        started = time.perf_counter()
+        if mode in ("federated", "scratch"):
+            mode_config = _scratch(config) if mode == "scratch" else config
+            report = run_federation(prepared, mode_config, run_dir=run_dir / mode, sites_dir=sites_dir,
+                                    progress=progress, verbose=verbose)
+            model = load_saved_model(run_dir / mode / "global_model.pt", num_classes=num_classes)
+            predictions |= _predict_all(model, prepared, config=mode_config, device=device,
+                                        prefix=f"{mode}|global")
+            entry["modes"][mode] = {"history": _federated_history(report),
+                                    "bytes": _bytes(report)}
+        elif mode == "centralized":
+            progress("centralized: pooled training data of all sites")
+            model = build_model(config.model, num_classes=num_classes, seed=config.seed)
+            history = baselines.train_epochs(model, _pool(prepared, "train"), _pool(prepared, "val"),
+                                             config=config, seed=config.seed, device=device)
+            _save_model(model, run_dir / "centralized" / "model.pt", config=config)
+            predictions |= _predict_all(model, prepared, config=config, device=device,
+                                        prefix="centralized|global")
+            entry["modes"][mode] = {"history": history, "bytes": None}
+        elif mode == "local":
+            for site, splits in prepared.sites.items():
+                progress(f"local: {site} alone ({len(splits['train'])} training images)")
+                model = build_model(config.model, num_classes=num_classes, seed=config.seed)
+                baselines.train_epochs(model, splits["train"], splits["val"], config=config,
+                                       seed=config.seed, device=device)
+                predictions |= _predict_all(model, prepared, config=config, device=device,
+                                            prefix=f"local|{site}", only_site=site)
+            entry["modes"][mode] = {"history": None, "bytes": None}
+        else:
+            progress("classical: SVM and random forest on pixels and on frozen CNN features")
+            for variant, values in _classical(prepared, config, device=device).items():
+                predictions |= values
+                entry["modes"][f"classical-{variant}"] = {"history": None, "bytes": None}
+        wall = time.perf_counter() - started
+        for name in _mode_names([mode]):
+            entry["modes"][name]["wall_s"] = wall
+    np.savez_compressed(run_dir / "predictions.npz", **predictions)
+    return entry
+
+
+def _mode_names(modes: list[str]) -> list[str]:
+    return [n for m in modes for n in ([f"classical-{v}" for v in baselines.CLASSICAL]
+                                       if m == "classical" else [m])]
+
+
+def _scratch(config: Config) -> Config:
+    """Same architecture without ImageNet weights; frozen random layers would be meaningless,
+    so every layer trains."""
+    scratch = copy.deepcopy(config)
+    scratch.model.weights, scratch.model.freeze = "none", "0"
+    return scratch
+
+
+def _prediction_sets(prepared: Prepared, only_site: str | None) -> dict[str, LabelledImages]:
+    sets = {"global/test": prepared.global_test}
+    for site, splits in prepared.sites.items():
+        if only_site is None or site == only_site:
+            sets[f"{site}/val"] = splits["val"]
+            sets[f"{site}/test"] = splits["test"]
+    return sets
+
+
+def _predict_all(model, prepared: Prepared, *, config: Config, device: torch.device, prefix: str,
+                 only_site: str | None = None) -> dict[str, np.ndarray]:
+    """Labels and class probabilities of `model` on every split it is judged on."""
+    transform = build_transform(model, config.data, train=False)
+    out = {}
+    for name, data in _prediction_sets(prepared, only_site).items():
+        loader = torch.utils.data.DataLoader(TransformedImages(data, transform),
+                                             batch_size=config.train.batch_size * 2)
+        y, probs, _ = predict(model.to(device), loader, device)
+        out[f"{prefix}|{name}|y"], out[f"{prefix}|{name}|p"] = y, probs.astype(np.float32)
+    model.cpu()
+    return out
+
+
+def _classical(prepared: Prepared, config: Config, *, device: torch.device) -> dict[str, dict]:
+    """Predictions of each classical variant, trained on the pooled training data."""
+    train = _pool(prepared, "train")
+    sets = _prediction_sets(prepared, None)
+    backbone = build_model(config.model, num_classes=len(prepared.dataset["classes"]),
+                           seed=config.seed)
+    features = {
+        "pixels": baselines.pixel_features,
+        "cnn": lambda data: baselines.cnn_features(backbone, data, config=config, device=device),
+    }
+    results = {}
+    for variant in baselines.CLASSICAL:
+        kind, source = variant.split("-")
+        model = baselines.classical_model(kind, seed=config.seed)
+        model.fit(features[source](train), train.labels)
+        values = {}
+        for name, data in sets.items():
+            probs = np.zeros((len(data), len(prepared.dataset["classes"])), dtype=np.float32)
+            probs[:, model.classes_] = model.predict_proba(features[source](data))
+            values[f"classical-{variant}|global|{name}|y"] = data.labels
+            values[f"classical-{variant}|global|{name}|p"] = probs
+        results[variant] = values
+    return results
+
+
+def _pool(prepared: Prepared, split: str) -> LabelledImages:
+    parts = [s[split] for s in prepared.sites.values()]
+    return LabelledImages(np.concatenate([p.images for p in parts]),
+                          np.concatenate([p.labels for p in parts]))
+
+
+def _with_fraction(prepared: Prepared, fraction: float, *, seed: int) -> Prepared:
+    """The same split with only `fraction` of each site's training data (val/test unchanged)."""
+    if fraction >= 1.0:
+        return prepared
+    sites = {}
+    for name, splits in prepared.sites.items():
+        kept = subsample(splits["train"].labels, fraction=fraction, seed=seed)
+        sites[name] = {**splits, "train": splits["train"].subset(kept)}
+    return Prepared(prepared.config, prepared.dataset, prepared.partition, sites, prepared.global_test)
+
+
+def _site_summary(prepared: Prepared, num_classes: int) -> dict:
+    return {
+        site: {"n": {s: len(d) for s, d in splits.items()},
+               "label_histogram": {s: d.histogram(num_classes) for s, d in splits.items()}}
+        for site, splits in prepared.sites.items()
+    }
+
+
+def _federated_history(report: dict) -> list[dict]:
+    return [
+        {"round": r["round"], "val_loss": r["val_loss"],
+         "global_auc": (r["global_test"] or {}).get("auc"),
+         "sites": {s: {"val_auc": v["val"]["auc"]} for s, v in r["evaluate"].items()}}
+        for r in report["rounds"]
+    ]
+
+
+def _bytes(report: dict) -> dict:
+    comm = report["communication"]
+    return {direction: int(sum(sum(r["sites"].values()) for r in comm[f"bytes_{direction}_per_round"]))
+            for direction in ("up", "down")}
+
+
+def _save_model(model, path: Path, *, config: Config) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save({"model": model.state_dict(), "config": config.to_dict()}, path)
+
+
+def _announce(prepared: Prepared, progress) -> None:
+    if prepared.dataset.get("skipped_files"):
+        progress(f"--skip-bad: left out {prepared.dataset['skipped_files']} unreadable file(s): "
+                 + "; ".join(prepared.dataset["skipped_examples"][:5]))
+    classes = len(prepared.dataset["classes"])
+    for name, splits in prepared.sites.items():
+        labels = np.concatenate([d.labels for d in splits.values()])
+        progress(f"{name}: " + ", ".join(f"{s} {len(d)}" for s, d in splits.items())
+                 + f" | labels {np.bincount(labels, minlength=classes).tolist()}")
+
+
+def _run_name(seed: int, fold: tuple[int, int] | None, fraction: float, *, fractions: int) -> str:
+    parts = [f"seed-{seed}"]
+    if fold is not None:
+        parts.append(f"fold-{fold[0]}")
+    if fractions > 1:
+        parts.append(f"fraction-{fraction:g}")
+    return "/".join(parts)
+
+
+def _default_out(config: Config) -> Path:
+    name = Path(config.data.path).name if config.data.path else config.data.dataset
+    return Path("runs") / f"{name}-{config.federation.strategy}-{time.strftime('%Y%m%d-%H%M%S')}"
+

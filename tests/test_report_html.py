@@ -1,0 +1,222 @@
+"""report.html and report.md rendered from a synthetic comparison report."""
+
+from __future__ import annotations
+
+import base64
+import copy
+import html
+import io
+import re
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from medfed.simulations.report_html import figures, render_html, render_markdown
+
+SITES = ("north", "south<script>alert(1)</script>")
+MODES = ("federated", "centralized", "local", "scratch", "classical-svm-pixels")
+CLASSES = ("normal", "pneumonia")
+SENTENCE = "federated beats local at 4 of 4 site x seed pairs (mean AUC +0.052; Wilcoxon p = 0.12)"
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def _result(rng: np.random.Generator, *, classes: int = 2) -> dict:
+    values = {m: float(rng.uniform(0.6, 0.95)) for m in
+              ("accuracy", "balanced_accuracy", "precision", "recall", "specificity", "f1", "auc")}
+    confusion = rng.integers(0, 40, size=(classes, classes)).tolist()
+    binary = classes == 2
+    fpr = np.sort(np.concatenate([[0.0, 1.0], rng.uniform(0, 1, 8)]))
+    return {
+        "metrics": {**values, "confusion_matrix": confusion, "n": int(np.sum(confusion))},
+        "ci": {m: [v - 0.05, min(v + 0.04, 1.0)] for m, v in values.items()},
+        "operating_points": {
+            "youden_threshold": float(rng.uniform(0.3, 0.7)),
+            "at_0.5": {"sensitivity": 0.8, "specificity": 0.7},
+            "at_youden": {"sensitivity": 0.85, "specificity": 0.75},
+        } if binary else None,
+        "roc": {"fpr": fpr.tolist(), "tpr": np.sqrt(fpr).tolist()} if binary else None,
+    }
+
+
+def _history(rounds: int) -> list[dict]:
+    return [{"round": r, "val_loss": 0.7 - 0.1 * r, "global_auc": 0.7 + 0.05 * r,
+             "sites": {s: {"val_auc": 0.65 + 0.06 * r} for s in SITES}}
+            for r in range(1, rounds + 1)]
+
+
+def _mode_entry(mode: str, rng: np.random.Generator, *, classes: int, history: bool) -> dict:
+    entry = {"wall_s": float(rng.uniform(10, 100)),
+             "bytes": ({"up": 12_345_678, "down": 23_456_789}
+                       if mode in ("federated", "scratch") else None),
+             "history": (_history(3) if history and mode in ("federated", "scratch", "centralized")
+                         else None),
+             "results": {s: _result(rng, classes=classes) for s in SITES},
+             "local_on_global": None}
+    if mode == "local":
+        entry["local_on_global"] = {s: _result(rng, classes=classes) for s in SITES}
+    else:
+        entry["results"]["global"] = _result(rng, classes=classes)
+    return entry
+
+
+def _report(*, seeds=(0, 1), fractions=(0.5, 1.0), classes=CLASSES, history=True,
+            gradcam=()) -> dict:
+    rng = np.random.default_rng(0)
+    runs = [{"seed": seed, "fold": None, "fraction": fraction,
+             "modes": {m: _mode_entry(m, rng, classes=len(classes), history=history)
+                       for m in MODES}}
+            for fraction in fractions for seed in seeds]
+    first = runs[0]["modes"]["federated"]["results"]["global"]
+    first["metrics"]["auc"], first["ci"]["auc"] = 0.912, [0.871, 0.948]
+    if first["operating_points"]:
+        first["operating_points"].update(
+            youden_threshold=0.437, at_youden={"sensitivity": 0.881, "specificity": 0.902})
+    summary = {m: {s: {metric: {"mean": 0.8 + 0.01 * i, "std": 0.02, "n": len(runs)}
+                       for metric in ("accuracy", "auc")}
+                   for s in (*SITES, "global")}
+               for i, m in enumerate(MODES)}
+    return {
+        "kind": "medfed-comparison",
+        "config": {"federation": {"rounds": 3}, "train": {"local_epochs": 1}},
+        "dataset": {"name": "pneumoniamnist", "classes": list(classes),
+                    "citation": "Yang J. et al. MedMNIST v2. Sci Data 2023. https://medmnist.com"},
+        "partition": {"scheme": "dirichlet", "alpha": 0.5, "site_split": "80/10/10",
+                      "global_test": "official MedMNIST test split"},
+        "modes": list(MODES), "seeds": list(seeds), "folds": None,
+        "train_fractions": list(fractions),
+        "budget": "3 rounds x 1 local epoch: every training image seen 3 times in every mode",
+        "model_card": {"backbone": "resnet18", "weights": "IMAGENET1K_V1",
+                       "weights_source": "torchvision", "freeze": "stem,layer1",
+                       "input_size": 224, "mean": [0.485, 0.456, 0.406],
+                       "std": [0.229, 0.224, 0.225], "equalize": "none",
+                       "trainable_params": 11_000_000, "total_params": 11_689_512,
+                       "versions": {"torch": "2.14.1", "flwr": "1.42.0"}},
+        "sites": {s: {"n": {"train": 100 + i, "val": 20, "test": 30},
+                      "label_histogram": {"train": [40, 60 + i], "val": [8, 12], "test": [10, 20]}
+                      if len(classes) == 2 else
+                      {"train": [30, 30, 40 + i], "val": [6, 6, 8], "test": [10, 10, 10]}}
+                  for i, s in enumerate(SITES)},
+        "runs": runs,
+        "summary": summary,
+        "statistics": [{"label_a": "federated", "label_b": "local", "metric": "auc", "n": 4,
+                        "mean_a": 0.9, "mean_b": 0.848, "mean_difference": 0.052,
+                        "wins": 4, "ties": 0, "losses": 0, "wilcoxon_p": 0.125,
+                        "ttest_p": 0.0004, "cohens_dz": 2.31, "rank_biserial": 1.0,
+                        "sentence": SENTENCE}],
+        "gradcam": list(gradcam),
+        "timing": {"wall_s": 812.5},
+    }
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    directory = tmp_path_factory.mktemp("run")
+    (directory / "gradcam").mkdir()
+    Image.new("RGB", (8, 8), (200, 30, 30)).save(directory / "gradcam" / "north-0.png")
+    (directory.parent / "secret.png").write_bytes(PNG_SIGNATURE + b"not for the page")
+    return directory
+
+
+GRADCAM = (
+    {"site": "north", "true": "pneumonia", "predicted": "pneumonia", "probability": 0.8734,
+     "correct": True, "file": "gradcam/north-0.png"},
+    {"site": SITES[1], "true": "normal", "predicted": "pneumonia", "probability": 0.61,
+     "correct": False, "file": "gradcam/missing.png"},
+    {"site": "north", "true": "normal", "predicted": "normal", "probability": 0.9,
+     "correct": True, "file": "../secret.png"},
+)
+
+
+@pytest.fixture(scope="module")
+def report():
+    return _report(gradcam=GRADCAM)
+
+
+@pytest.fixture(scope="module")
+def page(report, run_dir):
+    return render_html(report, run_dir=run_dir)
+
+
+def test_html_is_self_contained(page):
+    sources = re.findall(r"\bsrc=\"([^\"]*)\"", page)
+    assert sources and all(s.startswith("data:image/png;base64,") for s in sources)
+    assert not re.search(r"\b(src|href)=\"?https?:", page)
+    assert "<link" not in page and "<script" not in page
+
+
+def test_html_names_every_site_and_mode_and_escapes(page):
+    assert html.escape(SITES[1]) in page
+    assert "south<script>" not in page
+    for site in SITES:
+        assert html.escape(site) in page
+    for mode in MODES:
+        assert mode in page
+
+
+def test_html_states_statistics_ci_and_operating_points(page):
+    assert html.escape(SENTENCE) in page
+    assert "0.912 (0.871–0.948)" in page
+    assert "0.437" in page and "0.881" in page and "0.902" in page
+    assert "&lt; 0.001" in page  # the t-test p-value 0.0004
+    assert "2.310" in page
+
+
+def test_html_embeds_gradcam_and_notes_unreadable_files(page, run_dir):
+    embedded = base64.b64encode((run_dir / "gradcam" / "north-0.png").read_bytes()).decode()
+    assert f"data:image/png;base64,{embedded}" in page
+    assert "true pneumonia, predicted pneumonia (correct), p=0.87" in page
+    assert "gradcam/missing.png is missing" in page
+    secret = base64.b64encode((run_dir.parent / "secret.png").read_bytes()).decode()
+    assert secret not in page and "is outside the run directory" in page
+
+
+def test_figures_are_stable_pngs_embedded_in_the_page(report, page):
+    plots = figures(report)
+    assert {"roc-global", f"roc-{SITES[0]}", "learning-global", "learning-sites",
+            "data-efficiency", "label-histograms", "communication",
+            "confusion-global"} <= set(plots)
+    assert Image.open(io.BytesIO(plots["roc-global"])).size[0] > 300
+    # A second drawing of every plot gives the bytes already embedded in the page.
+    for png in plots.values():
+        assert png.startswith(PNG_SIGNATURE)
+        assert base64.b64encode(png).decode() in page
+
+
+def test_markdown_has_mode_by_site_table(report):
+    text = render_markdown(report)
+    assert "| Mode | north | south&lt;script&gt;alert(1)&lt;/script&gt; | global |" in text
+    assert "| federated | 0.800 ± 0.020 | 0.800 ± 0.020 | 0.800 ± 0.020 |" in text
+    assert "| local | 0.820 ± 0.020 | 0.820 ± 0.020 | 0.820 ± 0.020 |" in text
+    assert "0.912 (0.871–0.948)" in text
+    assert "<script>" not in text
+    headings = [line for line in text.splitlines() if line.startswith("## ")]
+    assert [h.split(".")[0] for h in headings] == [f"## {i}" for i in range(1, 13)]
+
+
+def test_sections_in_same_order_in_both_outputs(page, report):
+    html_titles = re.findall(r"<h2>([^<]*)</h2>", page)
+    md_titles = [line[3:] for line in render_markdown(report).splitlines()
+                 if line.startswith("## ")]
+    assert html_titles == md_titles and len(html_titles) == 12
+
+
+def test_minimal_multiclass_report_renders(tmp_path):
+    report = _report(seeds=(0,), fractions=(1.0,), classes=("a", "b", "c"), history=False)
+    page = render_html(report, run_dir=tmp_path)
+    text = render_markdown(report)
+    assert render_html(copy.deepcopy(report), run_dir=tmp_path) == page
+    assert render_markdown(copy.deepcopy(report)) == text
+    assert "Confusion matrices on the global test set" in page
+    assert "ROC curves on the" not in page and "Data efficiency</h2>" in page
+    for output in (page, text):
+        assert "No ROC curves: this dataset has 3 classes" in output
+        assert "No mode recorded a training history" in output
+        assert "No Grad-CAM images" in output
+    assert "| true \\\\ predicted | a | b | c |" in text
+
+
+def test_empty_report_renders(tmp_path):
+    assert render_markdown({}).startswith("# medfed comparison report: unnamed dataset")
+    assert render_html({}, run_dir=tmp_path).startswith("<!DOCTYPE html>")
+    assert figures({}) == {}
