@@ -13,8 +13,7 @@ import functools
 import zlib
 
 import numpy as np
-import torch
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from medfed.client.site_data import load_site, locate_site
@@ -42,7 +41,8 @@ def _prepare(message: Message, context: Context):
     config = Config.from_json(str(round_config["medfed-config"]))
     num_classes = int(round_config["num-classes"])
     site, path = locate_site(dict(context.node_config), dict(round_config))
-    data = load_site(path)
+    data = load_site(path, config_json=config.to_json(), classes=tuple(round_config["classes"]),
+                     site=site)
     model = copy.deepcopy(_template(config.to_json(), num_classes))
     keys = wire.exchanged_keys(model, bn=config.model.bn)
     wire.load_record(model, message.content["arrays"], keys=keys)

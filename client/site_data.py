@@ -1,9 +1,12 @@
 """Where a site's own data comes from.
 
-A deployed SuperNode is started with `--node-config 'site="NAME" data-path="FILE"'`. A simulated
-site is a virtual SuperNode with a `partition-id`; the simulation wrote its data to
-`<sites-dir>/site-<id>.npz`, whose path arrives in the round config. Either way the site reads one
-MedMNIST-layout file with train/val/test splits, and nothing in it ever leaves the process.
+A deployed SuperNode is started with `--node-config 'site="NAME" data-path="PATH"'`, PATH being a
+MedMNIST-layout npz with train/val/test splits, or a folder / CSV manifest of the hospital's own
+images, which the site decodes and splits itself (group-aware when patients are known, seeded by
+the federation's config, labels numbered by the federation's class list). A simulated site is a
+virtual SuperNode with a `partition-id`; the simulation wrote its data to
+`<sites-dir>/site-<id>.npz`, whose path arrives in the round config. Nothing read here ever leaves
+the process.
 """
 
 from __future__ import annotations
@@ -11,7 +14,10 @@ from __future__ import annotations
 import functools
 from pathlib import Path
 
+from medfed.common.config import Config
 from medfed.common.dataset import SPLITS, LabelledImages, load_splits
+from medfed.common.sources import discover, is_collection, load
+from medfed.common.splits import split_indices
 
 
 def simulated_site_name(partition_id: int) -> str:
@@ -36,9 +42,21 @@ def locate_site(node_config: dict, round_config: dict) -> tuple[str, Path]:
 
 
 @functools.lru_cache(maxsize=4)
-def load_site(path: Path) -> dict[str, LabelledImages]:
+def load_site(path: Path, *, config_json: str, classes: tuple[str, ...], site: str
+              ) -> dict[str, LabelledImages]:
+    if is_collection(path):
+        return _split_collection(path, config=Config.from_json(config_json), classes=list(classes),
+                                 site=site)
     splits = load_splits(path)
     missing = [s for s in SPLITS if s not in splits]
     if missing:
         raise ValueError(f"{path} has no {', '.join(missing)} split(s); a site needs train, val and test")
     return splits
+
+
+def _split_collection(path: Path, *, config: Config, classes: list[str], site: str
+                      ) -> dict[str, LabelledImages]:
+    loaded = load(discover(path, classes=classes), image_size=config.data.image_size,
+                  frame=config.data.frame, skip_bad=config.data.skip_bad)
+    positions = split_indices(loaded.images.labels, seed=config.seed, groups=loaded.patients, site=site)
+    return {name: loaded.images.subset(index) for name, index in positions.items()}

@@ -203,12 +203,6 @@ def load(collection: Collection, *, image_size: int, frame: int | None = None,
         raise refuse(problems, source=collection.root)
     if not pixels:
         raise MedfedError(f"{collection.root} has no readable images")
-    present = sorted(set(labels))
-    if len(present) < 2:
-        raise MedfedError(
-            f"{collection.root} has readable images of only one class "
-            f"({collection.classes[present[0]]}); a classifier needs at least two"
-        )
     # One channel layout for the whole collection: RGB (ultrasound, photographs) wins, and
     # grayscale images are repeated to 3 channels next to it.
     if any(p.ndim == 3 for p in pixels):

@@ -9,7 +9,6 @@ it is an int64 counter that averaging would corrupt and that momentum-based Batc
 
 from __future__ import annotations
 
-import torch
 from flwr.app import ArrayRecord
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm

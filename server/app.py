@@ -57,6 +57,7 @@ def run_server(
         statistic_keys=wire.statistic_keys(keys),
         schedule=schedule,
         round_config={"medfed-config": config.to_json(), "num-classes": num_classes,
+                      "classes": list(dataset["classes"]),
                       **(site_config or {})},
         on_event=lambda event, record: _report_progress(event, record, progress, config),
     )

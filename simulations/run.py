@@ -92,6 +92,12 @@ def _prepare_collection(config: Config, *, fold: tuple[int, int] | None) -> Prep
     _check_model(config, num_classes=len(collection.classes))
     loaded = load(collection, image_size=config.data.image_size, frame=config.data.frame,
                   skip_bad=config.data.skip_bad)
+    present = np.unique(loaded.images.labels)
+    if len(present) < 2:
+        raise MedfedError(
+            f"{config.data.path} has readable images of only one class "
+            f"({loaded.classes[present[0]]}); a classifier needs at least two"
+        )
     if config.partition.scheme == "natural":
         if loaded.sites is None:
             raise MedfedError(

@@ -4,24 +4,14 @@ statistics in the report, and `medfed report` rebuilding it exactly from the sav
 from __future__ import annotations
 
 import json
-import os
 import re
-import subprocess
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
+from commands import TINY, medfed
 
-MEDFED = str(Path(sys.executable).parent / "medfed")
-TINY = ["--backbone", "test_efficientnet", "--weights", "none", "--image-size", "32"]
 MODES = ["federated", "centralized", "local", "scratch", "classical-svm-pixels",
          "classical-rf-pixels", "classical-svm-cnn", "classical-rf-cnn"]
-
-
-def medfed(*args: str, data_dir: Path, timeout: float = 900) -> subprocess.CompletedProcess:
-    env = {**os.environ, "MEDFED_DATA_DIR": str(data_dir), "MEDFED_OFFLINE": "1"}
-    return subprocess.run([MEDFED, *args], capture_output=True, text=True, env=env, timeout=timeout)
 
 
 @pytest.fixture(scope="module")

@@ -4,22 +4,14 @@ from __future__ import annotations
 
 import json
 import shutil
-import subprocess
-import sys
-from pathlib import Path
 
 import numpy as np
 import pydicom
 import pytest
+from commands import medfed
 from imagefiles import gradient, write_dicom, write_png
 
 from medfed.client.data_check import check
-
-MEDFED = str(Path(sys.executable).parent / "medfed")
-
-
-def medfed(*args: str, cwd: Path) -> subprocess.CompletedProcess:
-    return subprocess.run([MEDFED, *args], capture_output=True, text=True, cwd=cwd, timeout=120)
 
 
 @pytest.fixture

@@ -4,25 +4,15 @@ exported as PNG files, split naturally by its site column and trained through Fl
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
+from commands import TINY, medfed
 from imagefiles import write_png
 
 from medfed.common.dataset import load_splits
 
-MEDFED = str(Path(sys.executable).parent / "medfed")
-TINY = ["--backbone", "test_efficientnet", "--weights", "none", "--image-size", "32"]
 HOSPITALS = ("hospital-a", "hospital-b", "hospital-c")
-
-
-def medfed(*args: str, timeout: float = 600) -> subprocess.CompletedProcess:
-    env = {**os.environ, "MEDFED_OFFLINE": "1"}
-    return subprocess.run([MEDFED, *args], capture_output=True, text=True, env=env, timeout=timeout)
 
 
 @pytest.fixture(scope="module")

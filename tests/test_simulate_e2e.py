@@ -5,31 +5,21 @@ from __future__ import annotations
 
 import csv
 import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
+from commands import TINY, medfed
 import torch
 import yaml
 
-from medfed.common.config import Config, DataConfig, from_dict
+from medfed.common.config import DataConfig, from_dict
 from medfed.common.dataset import load_splits
 from medfed.common.inference import evaluate
 from medfed.common.model import build_model
 from medfed.common.transforms import build_transform
 
-MEDFED = str(Path(sys.executable).parent / "medfed")
-TINY = ["--backbone", "test_efficientnet", "--weights", "none", "--image-size", "32"]
 REPORT_KEYS = {"config", "dataset", "sites", "rounds", "final", "communication", "timing", "versions"}
 SCALARS = {"accuracy", "balanced_accuracy", "precision", "recall", "specificity", "f1", "auc"}
-
-
-def medfed(*args: str, data_dir: Path, timeout: float = 600) -> subprocess.CompletedProcess:
-    env = {**os.environ, "MEDFED_DATA_DIR": str(data_dir), "MEDFED_OFFLINE": "1"}
-    return subprocess.run([MEDFED, *args], capture_output=True, text=True, env=env, timeout=timeout)
 
 
 @pytest.fixture(scope="module")

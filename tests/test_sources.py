@@ -8,6 +8,7 @@ from imagefiles import gradient, write_dicom, write_jpeg, write_png
 
 from medfed.common.errors import MedfedError
 from medfed.common.sources import discover, load
+from medfed.common.splits import split_indices
 
 
 @pytest.fixture
@@ -124,9 +125,27 @@ def test_folder_without_class_subfolders(tmp_path):
         discover(tmp_path / "nowhere")
 
 
-def test_one_class_only_is_refused(tmp_path):
+def test_a_site_with_one_class_loads_under_the_federation_class_list(tmp_path):
+    """Non-IID hospitals may hold one class; labels follow the federation's list, not the folder's."""
     for i in range(3):
-        write_png(tmp_path / "d" / "normal" / f"{i}.png", gradient(i))
-    (tmp_path / "d" / "pneumonia").mkdir()
-    with pytest.raises(MedfedError, match="only one class"):
-        load(discover(tmp_path / "d"), image_size=32, skip_bad=True)
+        write_png(tmp_path / "d" / "pneumonia" / f"{i}.png", gradient(i))
+    loaded = load(discover(tmp_path / "d", classes=["normal", "pneumonia"]), image_size=32)
+    assert loaded.classes == ["normal", "pneumonia"]
+    assert loaded.images.labels.tolist() == [1, 1, 1]
+
+
+def test_dicom_series_split_keeps_each_patient_on_one_side(tmp_path):
+    """A generated DICOM series: 10 patients with 3 images each; PatientID drives the split."""
+    root = tmp_path / "series"
+    for patient in range(10):
+        label = "effusion" if patient % 2 else "normal"
+        for image in range(3):
+            write_dicom(root / label / f"P{patient}-{image}.dcm",
+                        gradient(patient * 10 + image, dtype=np.uint16), patient_id=f"P{patient}")
+    loaded = load(discover(root), image_size=32)
+    assert sorted(set(loaded.patients)) == [f"P{i}" for i in range(10)]
+    split = split_indices(loaded.images.labels, seed=0, groups=loaded.patients)
+    sides = {name: set(loaded.patients[index]) for name, index in split.items()}
+    assert all(sides.values())
+    assert not (sides["train"] & sides["val"] or sides["train"] & sides["test"]
+                or sides["val"] & sides["test"])
