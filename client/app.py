@@ -95,3 +95,11 @@ def evaluate_site(message: Message, context: Context) -> Message:
         metrics[f"{split}-histogram"] = data[split].histogram(num_classes)
     content = RecordDict({"metrics": metrics, "site": _site_record(site)})
     return Message(content=content, reply_to=message)
+
+
+@app.query()
+def identify(message: Message, context: Context) -> Message:
+    """Which site this node is: the server's roll call before the first round, so it can name
+    the sites that did not come."""
+    site, _ = locate_site(dict(context.node_config), dict(message.content["config"]))
+    return Message(content=RecordDict({"site": _site_record(site)}), reply_to=message)

@@ -36,6 +36,9 @@ class DataConfig:
     # (path,label[,site][,patient_id]). When set, `dataset`/`resolution`/`data_dir` are unused.
     path: str | None = None
     dataset: str = "pneumoniamnist"
+    # Class names in label order, comma-separated. A deployed server holds no data, so a study
+    # run across hospitals names its classes here; simulations take them from the data.
+    classes: str = ""
     # Which MedMNIST file to read: 28 -> {dataset}.npz, otherwise {dataset}_{resolution}.npz.
     resolution: int = 28
     # None: $MEDFED_DATA_DIR, else the user cache directory (see common.medmnist).
@@ -340,3 +343,14 @@ def _items(text: str, kind: type, key: str) -> list:
     except ValueError:
         raise MedfedError(f"config key '{key}' has value {text!r}; expected comma-separated "
                           f"{kind.__name__} values") from None
+
+
+def study_classes(config: Config) -> list[str]:
+    """The deployed study's class list (`data.classes`), refusing fewer than two."""
+    classes = [c.strip() for c in config.data.classes.split(",") if c.strip()]
+    if len(classes) < 2 or len(set(classes)) != len(classes):
+        raise MedfedError(
+            f"data.classes={config.data.classes!r}: a study across hospitals must name its classes "
+            f"in label order, e.g. data: {{classes: 'normal,pneumonia'}} (two or more, no repeats)"
+        )
+    return classes

@@ -9,19 +9,23 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from flwr.app import ArrayRecord, Context, MetricRecord
+from flwr.app import (
+    Array, ArrayRecord, ConfigRecord, Context, Message, MessageType, MetricRecord, RecordDict,
+)
 from flwr.serverapp import Grid, ServerApp
 
 from medfed.common import wire
-from medfed.common.config import Config
+from medfed.common.config import Config, load_yaml, study_classes, validate
 from medfed.common.dataset import LabelledImages
+from medfed.common.errors import MedfedError
 from medfed.common.inference import evaluate, pick_device
 from medfed.common.metrics import SCALARS
 from medfed.common.model import build_model, count_parameters
 from medfed.common.transforms import build_transform
 from medfed.server.report import build_report, write_report
 from medfed.server.schedule import PlateauSchedule
-from medfed.server.strategy import MedfedStrategy, RoundRecord, make_flower_strategy
+from medfed.server.checkpoint import CHECKPOINT, load_checkpoint, save_checkpoint
+from medfed.server.strategy import MedfedStrategy, RoundRecord, make_flower_strategy, site_name
 
 
 def run_server(
@@ -30,14 +34,22 @@ def run_server(
     config: Config,
     run_dir: Path,
     dataset: dict,
-    num_sites: int,
+    expected_sites: list[str],
+    min_sites: int | None = None,
+    wait_s: float = 60.0,
     global_test: LabelledImages | None = None,
     partition: dict | None = None,
     site_config: dict | None = None,
+    resume: bool = False,
     progress: Callable[[str], None] = print,
 ) -> dict:
-    """Run the whole federation and write its outputs into `run_dir`; return the report."""
+    """Run the whole federation and write its outputs into `run_dir`; return the report.
+
+    Waits up to `wait_s` for the expected sites, goes on with those present when at least
+    `min_sites` (default: all) joined, writes a checkpoint after every round, and with `resume`
+    continues from the checkpoint in `run_dir`."""
     started = time.perf_counter()
+    min_sites = len(expected_sites) if min_sites is None else min_sites
     num_classes = len(dataset["classes"])
     model = build_model(config.model, num_classes=num_classes, seed=config.seed)
     keys = wire.exchanged_keys(model, bn=config.model.bn)
@@ -45,6 +57,8 @@ def run_server(
     trainable, total = count_parameters(model)
     device = pick_device(config.train.device)
     transform = build_transform(model, config.data, train=False)
+    round_config = {"medfed-config": config.to_json(), "num-classes": num_classes,
+                    "classes": list(dataset["classes"]), **(site_config or {})}
 
     def global_metrics(arrays: ArrayRecord) -> dict:
         wire.load_record(model, arrays, keys=keys)
@@ -53,33 +67,52 @@ def run_server(
 
     schedule = PlateauSchedule(lr=config.train.lr, federation=config.federation)
     strategy = MedfedStrategy(
-        make_flower_strategy(config, num_sites=num_sites),
+        make_flower_strategy(config, num_sites=len(expected_sites)),
         statistic_keys=wire.statistic_keys(keys),
         schedule=schedule,
-        round_config={"medfed-config": config.to_json(), "num-classes": num_classes,
-                      "classes": list(dataset["classes"]),
-                      **(site_config or {})},
+        round_config=round_config,
+        expected_sites=expected_sites,
+        min_sites=min_sites,
+        wait_s=wait_s,
         on_event=lambda event, record: _report_progress(event, record, progress, config),
     )
+    arrays, done = initial, 0
+    if resume:
+        state = load_checkpoint(run_dir, config_json=config.to_json())
+        strategy.load_state_dict(state["strategy"])
+        arrays = ArrayRecord({k: Array(v) for k, v in state["arrays"].items()})
+        done = state["round"]
+        progress(f"resuming after round {done} from {run_dir / CHECKPOINT}")
 
-    def evaluate_fn(server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
-        if global_test is None or (server_round and server_round not in strategy.rounds):
-            return None  # after early stopping the loop still ticks; nothing new to evaluate
-        result = global_metrics(arrays)
-        strategy.record(server_round).global_test = result
+    def after_round(server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
+        """Flower calls this last in every round: global evaluation, then the checkpoint."""
+        if server_round == 0 and strategy.round_offset:
+            return None  # a resumed run: its starting arrays were evaluated before the interruption
+        server_round += strategy.round_offset
+        if server_round and server_round not in strategy.rounds:
+            return None  # after early stopping the loop still ticks; nothing new happened
+        result = None
+        if global_test is not None:
+            result = global_metrics(arrays)
+            strategy.record(server_round).global_test = result
+            if server_round:
+                progress(f"round {server_round:>3} | global test AUC {_num(result['auc'])} "
+                         f"accuracy {_num(result['accuracy'])} | {time.perf_counter() - started:6.1f} s")
         if server_round:
-            g = result
-            progress(f"round {server_round:>3} | global test AUC {_num(g['auc'])} "
-                     f"accuracy {_num(g['accuracy'])} | {time.perf_counter() - started:6.1f} s")
-        return MetricRecord({k: result[k] for k in SCALARS if result[k] is not None})
+            save_checkpoint(run_dir, server_round=server_round,
+                            arrays={k: a.numpy() for k, a in arrays.items()},
+                            strategy_state=strategy.state_dict(), config_json=config.to_json())
+        return MetricRecord({k: result[k] for k in SCALARS if result[k] is not None}) if result else None
 
-    progress(f"{num_sites} sites, {config.federation.rounds} rounds of {config.federation.strategy}; "
+    present = wait_for_sites(grid, expected=expected_sites, min_sites=min_sites, wait_s=wait_s,
+                             round_config=round_config, progress=progress)
+    progress(f"{len(present)} sites, {config.federation.rounds} rounds of {config.federation.strategy}; "
              f"{trainable:,} of {total:,} parameters trainable "
              f"({wire.record_bytes(initial) / 1e6:.2f} MB per payload)")
-    strategy.start(
-        grid, initial, num_rounds=config.federation.rounds,
-        timeout=config.federation.round_timeout, evaluate_fn=evaluate_fn,
-    )
+    remaining = config.federation.rounds - done
+    if remaining > 0 and not schedule.stopped:
+        strategy.start(grid, arrays, num_rounds=remaining, timeout=config.federation.round_timeout,
+                       evaluate_fn=after_round)
     strategy.rounds.pop(0, None)
     if schedule.stopped_at:
         progress(f"early stopping at round {schedule.stopped_at}: no lower aggregated validation "
@@ -104,9 +137,41 @@ def run_server(
                "freeze": config.model.freeze, "trainable_params": trainable, "total_params": total,
                "exchanged_tensors": len(keys), "payload_bytes": wire.record_bytes(initial)},
         wall_s=time.perf_counter() - started,
+        resumed_from=done or None,
     )
     write_report(run_dir, report)
     return report
+
+
+def wait_for_sites(grid: Grid, *, expected: list[str], min_sites: int, wait_s: float,
+                   round_config: dict, progress: Callable[[str], None]) -> list[str]:
+    """Wait (bounded) for the expected sites; the names of those present, or an error naming
+    the missing ones when fewer than `min_sites` came."""
+    deadline = time.monotonic() + wait_s
+    while len(list(grid.get_node_ids())) < len(expected) and time.monotonic() < deadline:
+        time.sleep(1.0)
+    present = sorted(_site_names(grid, round_config=round_config).values())
+    missing = [s for s in expected if s not in present]
+    if len(present) < min_sites:
+        raise MedfedError(
+            f"only {len(present)} of {len(expected)} sites joined within {wait_s:.0f} s "
+            f"(min-sites {min_sites}); missing: {', '.join(missing) or 'none by name'}"
+        )
+    if missing:
+        progress(f"going on without {', '.join(missing)}: {len(present)} of {len(expected)} sites "
+                 f"joined within {wait_s:.0f} s (min-sites {min_sites})")
+    return present
+
+
+def _site_names(grid: Grid, *, round_config: dict) -> dict[int, str]:
+    """Ask every connected node which site it is (its answer comes from its own node config)."""
+    messages = [
+        Message(content=RecordDict({"config": ConfigRecord(round_config)}),
+                message_type=MessageType.QUERY, dst_node_id=node)
+        for node in grid.get_node_ids()
+    ]
+    replies = grid.send_and_receive(messages, timeout=60.0)
+    return {r.metadata.src_node_id: site_name(r) for r in replies if not r.has_error()}
 
 
 def _num(value) -> str:
@@ -133,3 +198,35 @@ def make_server_app(**settings) -> ServerApp:
         run_server(grid, **settings)
 
     return app
+
+
+app = ServerApp()
+
+
+@app.main()
+def deployed(grid: Grid, context: Context) -> None:
+    """The ServerApp that `medfed server start` runs on a SuperLink. Its settings arrive in
+    Flower's run config: `config-path` (the study's resolved YAML), `run-dir`, `expected-sites`
+    (comma-separated), `min-sites`, `wait-sites-s` and `resume`."""
+    settings = context.run_config
+    run_dir = Path(str(settings["run-dir"]))
+    log_file = run_dir / "progress.log"
+
+    def progress(line: str) -> None:
+        print(line, flush=True)
+        with log_file.open("a") as handle:
+            handle.write(line + "\n")
+
+    try:
+        config = validate(load_yaml(str(settings["config-path"])))
+        classes = study_classes(config)
+        expected = [s for s in str(settings["expected-sites"]).split(",") if s]
+        run_server(grid, config=config, run_dir=run_dir,
+                   dataset={"name": run_dir.name, "classes": classes},
+                   expected_sites=expected, min_sites=int(settings["min-sites"]),
+                   wait_s=float(settings["wait-sites-s"]), resume=bool(settings["resume"]),
+                   progress=progress)
+    except (MedfedError, RuntimeError) as exc:
+        # The launcher shows this file: the user sees why the run stopped, not a remote traceback.
+        (run_dir / "error.txt").write_text(f"{exc}\n")
+        raise

@@ -65,6 +65,7 @@ def build_report(
     early_stopping: dict,
     model: dict,
     wall_s: float,
+    resumed_from: int | None = None,
 ) -> dict:
     num_classes = len(dataset["classes"])
     round_list = []
@@ -81,6 +82,7 @@ def build_report(
             "val_loss": _clean(record.val_loss),
             "global_test": record.global_test,
             "failures": record.failures,
+            "missing": record.missing,
         })
     return {
         "config": config,
@@ -105,7 +107,7 @@ def build_report(
             "bytes_down_per_round": _per_round(rounds, "bytes_down"),
         },
         "model": model,
-        "timing": {"wall_s": round(wall_s, 2)},
+        "timing": {"wall_s": round(wall_s, 2), "resumed_from_round": resumed_from},
         "versions": versions(),
     }
 

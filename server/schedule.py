@@ -51,3 +51,17 @@ class PlateauSchedule:
             if self.patience and self.rounds_without_improvement >= self.patience:
                 self.stopped_at = server_round
         return improved
+
+    def state_dict(self) -> dict:
+        """Everything a resumed run needs to make the same decisions as an uninterrupted one."""
+        return {"optimizer": self._optimizer.state_dict(), "plateau": self._plateau.state_dict(),
+                "best_loss": self.best_loss, "best_round": self.best_round,
+                "rounds_without_improvement": self.rounds_without_improvement,
+                "stopped_at": self.stopped_at}
+
+    def load_state_dict(self, state: dict) -> None:
+        self._optimizer.load_state_dict(state["optimizer"])
+        self._plateau.load_state_dict(state["plateau"])
+        self.best_loss, self.best_round = state["best_loss"], state["best_round"]
+        self.rounds_without_improvement = state["rounds_without_improvement"]
+        self.stopped_at = state["stopped_at"]

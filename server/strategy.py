@@ -6,14 +6,21 @@
 * per-site metrics and bytes on the wire are kept round by round (Flower keeps only aggregates);
 * the round's learning rate comes from the server's plateau schedule, and once early stopping
   fires no more sites are sampled;
-* the best global arrays (lowest aggregated validation loss) are kept for the final model.
+* the best global arrays (lowest aggregated validation loss) are kept for the final model;
+* no round waits for a site that is not there: each round asks for at most the sites connected
+  now (Flower's own sampling would wait forever for a missing one), refuses to run below
+  `min_sites`, and records who was missing;
+* its whole state can be saved and restored, and a resumed run numbers its rounds from where the
+  checkpoint left off (`round_offset`), so a resumed run equals an uninterrupted one.
 
 Flower's `Strategy.start` still owns the round loop.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
+import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
@@ -84,12 +91,15 @@ class RoundRecord:
     bytes_up: dict[str, int] = field(default_factory=dict)
     bytes_down: dict[str, int] = field(default_factory=dict)
     failures: list[str] = field(default_factory=list)
+    # Expected sites that sent no training reply this round (absent, dropped or failed).
+    missing: list[str] = field(default_factory=list)
     val_loss: float | None = None
     global_test: dict | None = None
 
 
 def site_name(reply: Message) -> str:
-    if "site" in reply.content.config_records:
+    # An error reply has no content; it is still sorted and reported, by node.
+    if reply.has_content() and "site" in reply.content.config_records:
         return str(reply.content["site"]["name"])
     return f"node-{reply.metadata.src_node_id}"
 
@@ -102,12 +112,19 @@ class MedfedStrategy(Strategy):
         statistic_keys: list[str],
         schedule: PlateauSchedule,
         round_config: dict,
+        expected_sites: list[str],
+        min_sites: int,
+        wait_s: float,
         on_event: Callable[[str, RoundRecord], None] = lambda event, record: None,
     ) -> None:
         self.inner = inner
         self.statistic_keys = set(statistic_keys)
         self.schedule = schedule
         self.round_config = round_config
+        self.expected_sites = expected_sites
+        self.min_sites = min_sites
+        self.wait_s = wait_s
+        self.round_offset = 0
         self.on_event = on_event
         self.rounds: dict[int, RoundRecord] = {}
         self.best_arrays: ArrayRecord | None = None
@@ -134,10 +151,28 @@ class MedfedStrategy(Strategy):
             self._sent[node] = self._sent.get(node, 0) + size
         return messages
 
+    def _available(self, grid: Grid) -> None:
+        """Ask the wrapped strategy for no more sites than are connected now (never below
+        `min_sites`; waiting at most `wait_s` for them)."""
+        deadline = time.monotonic() + self.wait_s
+        while (connected := len(list(grid.get_node_ids()))) < self.min_sites:
+            if time.monotonic() > deadline:
+                raise RuntimeError(
+                    f"only {connected} site(s) connected, fewer than min-sites={self.min_sites}; "
+                    f"stopping the run (the last checkpoint can be resumed)"
+                )
+            time.sleep(1.0)
+        wanted = min(connected, len(self.expected_sites))
+        self.inner.min_available_nodes = wanted
+        self.inner.min_evaluate_nodes = wanted
+        self.inner.min_train_nodes = min(self.inner.min_train_nodes, wanted)
+
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                         grid: Grid) -> Iterable[Message]:
+        server_round += self.round_offset
         if self.schedule.stopped:
             return []
+        self._available(grid)
         if not self._dtypes:
             self._dtypes = {k: a.numpy().dtype for k, a in arrays.items()}
         self._sent = {}
@@ -153,11 +188,14 @@ class MedfedStrategy(Strategy):
                         ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         # Replies arrive in whatever order the sites finish; a fixed order makes the floating-point
         # sums, and so the whole run, reproducible for a given seed.
+        server_round += self.round_offset
         replies = sorted(replies, key=site_name)
         if server_round not in self.rounds:
             return None, None  # a round skipped after early stopping
         record = self.record(server_round)
         valid = [r for r in replies if not r.has_error()]
+        answered = {site_name(r) for r in valid}
+        record.missing = [s for s in self.expected_sites if s not in answered]
         for reply in replies:
             if reply.has_error():
                 record.failures.append(f"node-{reply.metadata.src_node_id}: {reply.error.reason}")
@@ -193,8 +231,10 @@ class MedfedStrategy(Strategy):
 
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                            grid: Grid) -> Iterable[Message]:
+        server_round += self.round_offset
         if self.schedule.stopped:
             return []
+        self._available(grid)
         self._evaluated = arrays
         return self._evaluation_messages(server_round, arrays, config, grid)
 
@@ -215,6 +255,7 @@ class MedfedStrategy(Strategy):
                 reply.metadata.src_node_id, 0)
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
+        server_round += self.round_offset
         replies = sorted(replies, key=site_name)
         if server_round not in self.rounds:
             return None
@@ -231,6 +272,36 @@ class MedfedStrategy(Strategy):
     def evaluate_final(self, grid: Grid, arrays: ArrayRecord, *, timeout: float) -> RoundRecord:
         """Every site evaluates the chosen global model on its own splits."""
         record = RoundRecord(round=self.schedule.best_round, lr=self.schedule.lr)
+        self._available(grid)
         messages = self._evaluation_messages(0, arrays, ConfigRecord(), grid)
         self.collect_evaluation(grid.send_and_receive(messages, timeout=timeout), record)
         return record
+
+    def state_dict(self) -> dict:
+        """Round records, best arrays, schedule and the wrapped server optimizer's moments."""
+        return {
+            "rounds": {r: dataclasses.asdict(record) for r, record in self.rounds.items()},
+            "best_arrays": _numpy(self.best_arrays),
+            "schedule": self.schedule.state_dict(),
+            "dtypes": {k: str(v) for k, v in self._dtypes.items()},
+            # FedAdam/FedYogi (FedOpt) keep x_t and their moments between rounds.
+            "optimizer": {name: getattr(self.inner, name) for name in ("current_arrays", "m_t", "v_t")
+                          if hasattr(self.inner, name)},
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        self.rounds = {int(r): RoundRecord(**record) for r, record in state["rounds"].items()}
+        self.best_arrays = _arrays(state["best_arrays"])
+        self.schedule.load_state_dict(state["schedule"])
+        self._dtypes = {k: np.dtype(v) for k, v in state["dtypes"].items()}
+        for name, value in state["optimizer"].items():
+            setattr(self.inner, name, value)
+        self.round_offset = max(self.rounds, default=0)
+
+
+def _numpy(arrays: ArrayRecord | None) -> dict[str, np.ndarray] | None:
+    return None if arrays is None else {k: a.numpy() for k, a in arrays.items()}
+
+
+def _arrays(values: dict[str, np.ndarray] | None) -> ArrayRecord | None:
+    return None if values is None else ArrayRecord({k: Array(v) for k, v in values.items()})

@@ -201,17 +201,17 @@ def save_sites(prepared: Prepared, sites_dir: Path) -> None:
 
 
 def run_federation(prepared: Prepared, config: Config, *, run_dir: Path, sites_dir: Path,
-                   progress=print, verbose: bool = False) -> dict:
+                   progress=print, verbose: bool = False, resume: bool = False) -> dict:
     """The medfed ServerApp and ClientApp on Flower's Simulation Engine; returns the run report.
 
     `run_dir` receives report.json/md, metrics.csv and global_model.pt; the sites read
-    `sites_dir` (written by `save_sites`)."""
+    `sites_dir` (written by `save_sites`). `resume` continues from `run_dir`'s checkpoint."""
     run_dir.mkdir(parents=True, exist_ok=True)
     server_app = make_server_app(
-        config=config, run_dir=run_dir, dataset=prepared.dataset, num_sites=len(prepared.sites),
+        config=config, run_dir=run_dir, dataset=prepared.dataset, expected_sites=list(prepared.sites),
         global_test=prepared.global_test, partition=prepared.partition,
         site_config={"sites-dir": str(sites_dir.resolve()), "site-names": list(prepared.sites)},
-        progress=progress,
+        progress=progress, resume=resume,
     )
     _run_engine(server_app, config, num_sites=len(prepared.sites), verbose=verbose)
     report_path = run_dir / "report.json"

@@ -109,3 +109,20 @@ def test_patience_zero_never_stops():
     assert not schedule.stopped and schedule.stopped_at is None
     assert schedule.rounds_without_improvement == 58
     assert schedule.best_round == 1
+
+
+def test_state_dict_resumes_the_same_decisions():
+    """A schedule restored mid-run decides exactly as one that never stopped."""
+    losses = [1.0, 0.9, 0.95, 0.96, 0.97, 0.98, 0.99, 1.0, 1.1]
+    federation = FederationConfig(patience=4, lr_patience=1, lr_factor=0.5)
+    whole = PlateauSchedule(lr=1e-3, federation=federation)
+    decisions = [(whole.step(r, loss), whole.lr, whole.stopped_at) for r, loss in enumerate(losses, 1)]
+    first = PlateauSchedule(lr=1e-3, federation=federation)
+    resumed_decisions = [(first.step(r, loss), first.lr, first.stopped_at)
+                         for r, loss in enumerate(losses[:4], 1)]
+    resumed = PlateauSchedule(lr=1e-3, federation=federation)
+    resumed.load_state_dict(first.state_dict())
+    resumed_decisions += [(resumed.step(r, loss), resumed.lr, resumed.stopped_at)
+                          for r, loss in enumerate(losses[4:], 5)]
+    assert resumed_decisions == decisions
+    assert whole.stopped_at is not None and resumed.best_round == whole.best_round

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Error, Message, MetricRecord, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
 
 from medfed.common import wire
@@ -36,7 +36,7 @@ def small_model(bn="avg"):
     return config, build_model(config.model, num_classes=2, seed=0)
 
 
-def make_strategy(name: str, *, bn="avg", sites=3):
+def make_strategy(name: str, *, bn="avg", sites=3, min_sites=1, wait_s=0.0):
     config, model = small_model(bn)
     config.federation.strategy = name
     keys = wire.exchanged_keys(model, bn=bn)
@@ -45,6 +45,7 @@ def make_strategy(name: str, *, bn="avg", sites=3):
         statistic_keys=wire.statistic_keys(keys),
         schedule=PlateauSchedule(lr=config.train.lr, federation=config.federation),
         round_config={"medfed-config": config.to_json(), "num-classes": 2},
+        expected_sites=[f"site-{i}" for i in range(sites)], min_sites=min_sites, wait_s=wait_s,
     )
     return strategy, model, keys
 
@@ -175,3 +176,57 @@ def test_aggregate_does_not_depend_on_reply_order():
         arrays, _ = strategy.aggregate_train(1, [replies[i] for i in order])
         results.append({k: a.numpy().tobytes() for k, a in arrays.items()})
     assert results[0] == results[1]
+
+
+# --- sites that do not come, and resuming -----------------------------------------------------------
+
+def test_a_round_never_waits_for_an_absent_site():
+    """Three sites expected, two connected: the round goes on with two and names the third."""
+    strategy, model, keys = make_strategy("fedavg", sites=3, min_sites=2)
+    initial = wire.to_record(model, keys)
+    messages = list(strategy.configure_train(1, initial, ConfigRecord(), MockGrid([7, 8])))
+    assert sorted(m.metadata.dst_node_id for m in messages) == [7, 8]
+    replies = [reply_to(m, arrays=initial, n=10, site=f"site-{i}") for i, m in enumerate(messages)]
+    strategy.aggregate_train(1, replies)
+    assert strategy.rounds[1].missing == ["site-2"]
+
+
+def test_below_min_sites_stops_instead_of_waiting_forever():
+    strategy, model, keys = make_strategy("fedavg", sites=3, min_sites=3, wait_s=0.0)
+    with pytest.raises(RuntimeError, match="only 2 site.*min-sites=3"):
+        list(strategy.configure_train(1, wire.to_record(model, keys), ConfigRecord(), MockGrid([1, 2])))
+
+
+def test_state_dict_restores_fedadam_moments_and_round_numbers():
+    strategy, model, keys = make_strategy("fedadam", sites=2)
+    initial = wire.to_record(model, keys)
+    messages = list(strategy.configure_train(1, initial, ConfigRecord(), MockGrid([1, 2])))
+    replies = [reply_to(m, arrays=perturbed(initial, scale=0.1, seed=i), n=10, site=f"site-{i}")
+               for i, m in enumerate(messages)]
+    arrays, _ = strategy.aggregate_train(1, replies)
+    state = strategy.state_dict()
+
+    restored, _, _ = make_strategy("fedadam", sites=2)
+    restored.load_state_dict(state)
+    assert restored.round_offset == 1 and list(restored.rounds) == [1]
+    for name in ("m_t", "v_t", "current_arrays"):
+        original = getattr(strategy.inner, name)
+        assert set(getattr(restored.inner, name)) == set(original)
+        for key, value in original.items():
+            np.testing.assert_array_equal(getattr(restored.inner, name)[key], value)
+    # Flower's loop restarts at 1; the strategy files it as round 2.
+    list(restored.configure_train(1, arrays, ConfigRecord(), MockGrid([1, 2])))
+    assert sorted(restored.rounds) == [1, 2]
+
+
+def test_a_failed_site_is_reported_not_fatal():
+    """An error reply (a site whose ClientApp raised) has no content; the round goes on."""
+    strategy, model, keys = make_strategy("fedavg", sites=2)
+    initial = wire.to_record(model, keys)
+    messages = list(strategy.configure_train(1, initial, ConfigRecord(), MockGrid([1, 2])))
+    good = reply_to(messages[0], arrays=initial, n=10, site="site-0")
+    failed = Message(Error(code=0, reason="ClientAppException: site-1 has no data"), reply_to=messages[1])
+    arrays, _ = strategy.aggregate_train(1, [failed, good])
+    assert arrays is not None
+    record = strategy.rounds[1]
+    assert record.missing == ["site-1"] and "has no data" in record.failures[0]
