@@ -94,8 +94,7 @@ def build_evidence(run_dir: Path, meta: dict) -> dict:
         "headline": _headline(final),
         "statistics": _statistics(final),
         "data_efficiency": _data_efficiency(runs) if len(meta["train_fractions"]) > 1 else None,
-        "gradcam": _gradcams(run_dir, meta["runs"][0], runs[0], classes=classes,
-                             per_class=config.evidence.gradcam_per_class),
+        "gradcam": _gradcams(run_dir, meta["runs"][0], runs[0], config=config, classes=classes),
         "timing": {"wall_s": meta["wall_s"]},
     }
     return report
@@ -249,15 +248,15 @@ def _model_card(config, *, num_classes: int) -> dict:
     return card
 
 
-def _gradcams(run_dir: Path, run_meta: dict, run: dict, *, classes: list[str], per_class: int) -> list[dict]:
+def _gradcams(run_dir: Path, run_meta: dict, run: dict, *, config, classes: list[str]) -> list[dict]:
     """Overlays of the most confident right and wrong test answers per site and true class."""
+    per_class = config.evidence.gradcam_per_class
     chosen = next(((m, f) for m, f in GRADCAM_MODES if m in run["modes"]), None)
     if chosen is None or per_class == 0:
         return []
     mode, filename = chosen
     base = run_dir / run_meta["dir"]
     model = load_saved_model(base / mode / filename, num_classes=len(classes)).eval()
-    config = from_dict(json.loads((run_dir / RUNS_FILE).read_text())["config"])
     transform = build_transform(model, config.data, train=False)
     out_dir = run_dir / "gradcam"
     out_dir.mkdir(exist_ok=True)

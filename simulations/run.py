@@ -6,6 +6,7 @@ fails before any run directory exists.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import warnings
@@ -23,7 +24,7 @@ from medfed.common.errors import MedfedError
 from medfed.common.medmnist import data_dir, locate
 from medfed.common.medmnist_catalogue import DATASETS
 from medfed.common.model import build_model, native_input_size
-from medfed.common.sources import discover, load
+from medfed.common.sources import Loaded, discover, load
 from medfed.common.splits import split_indices
 from medfed.server.app import make_server_app
 from medfed.simulations.partition import partition
@@ -88,10 +89,9 @@ def _prepare_collection(config: Config, *, fold: tuple[int, int] | None) -> Prep
     """A hospital's folder or manifest: decoded once here, then split like a public dataset."""
     if config.data.image_size is None:
         config.data.image_size = native_input_size(config.model.backbone)
-    collection = discover(config.data.path)
-    _check_model(config, num_classes=len(collection.classes))
-    loaded = load(collection, image_size=config.data.image_size, frame=config.data.frame,
-                  skip_bad=config.data.skip_bad)
+    kind, loaded = _decoded(config.data.path, image_size=config.data.image_size,
+                            frame=config.data.frame, skip_bad=config.data.skip_bad)
+    _check_model(config, num_classes=len(loaded.classes))
     present = np.unique(loaded.images.labels)
     if len(present) < 2:
         raise MedfedError(
@@ -121,8 +121,8 @@ def _prepare_collection(config: Config, *, fold: tuple[int, int] | None) -> Prep
     dataset = {
         "name": Path(config.data.path).name,
         "file": str(Path(config.data.path).resolve()),
-        "source": collection.kind,
-        "task": "binary-class" if len(collection.classes) == 2 else "multi-class",
+        "source": kind,
+        "task": "binary-class" if len(loaded.classes) == 2 else "multi-class",
         "classes": loaded.classes,
         "images": len(loaded.images),
         "patients": None if loaded.patients is None else len(set(loaded.patients)),
@@ -133,6 +133,14 @@ def _prepare_collection(config: Config, *, fold: tuple[int, int] | None) -> Prep
                            global_test="pooled test splits of the sites")
     info["site_split"] += " by patient" if loaded.patients is not None else ""
     return Prepared(config, dataset, info, sites, global_test)
+
+
+@functools.lru_cache(maxsize=2)
+def _decoded(path: str, *, image_size: int, frame: int | None, skip_bad: bool) -> tuple[str, Loaded]:
+    """Decode a folder or manifest once per process: every seed and fold of a comparison splits
+    the same images."""
+    collection = discover(path)
+    return collection.kind, load(collection, image_size=image_size, frame=frame, skip_bad=skip_bad)
 
 
 def _partition(config: Config, labels: np.ndarray, *, patients: np.ndarray | None = None
