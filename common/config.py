@@ -36,9 +36,9 @@ class DataConfig:
     # (path,label[,site][,patient_id]). When set, `dataset`/`resolution`/`data_dir` are unused.
     path: str | None = None
     dataset: str = "pneumoniamnist"
-    # Class names in label order, comma-separated. A deployed server holds no data, so a study
-    # run across hospitals names its classes here; simulations take them from the data.
-    classes: str = ""
+    # Class names in label order (a YAML list). A deployed server holds no data, so a study run
+    # across hospitals names its classes here; simulations take them from the data.
+    classes: list[str] | None = None
     # Which MedMNIST file to read: 28 -> {dataset}.npz, otherwise {dataset}_{resolution}.npz.
     resolution: int = 28
     # None: $MEDFED_DATA_DIR, else the user cache directory (see common.medmnist).
@@ -183,7 +183,11 @@ def _coerce(key: str, value: Any, hint: Any) -> Any:
                 pass
         if kind is str and isinstance(value, (str, int, float)) and not isinstance(value, bool):
             return str(value)
-    names = " or ".join("null" if a is type(None) else a.__name__ for a in allowed)
+        if typing.get_origin(kind) is list and isinstance(value, list) and all(
+                isinstance(item, (str, int, float)) and not isinstance(item, bool) for item in value):
+            # A list of names (class names may hold commas, e.g. BreastMNIST's "normal, benign").
+            return [str(item) for item in value]
+    names = " or ".join("null" if a is type(None) else getattr(a, "__name__", str(a)) for a in allowed)
     raise MedfedError(f"config key '{key}' has value {value!r}; expected {names}")
 
 
@@ -347,10 +351,10 @@ def _items(text: str, kind: type, key: str) -> list:
 
 def study_classes(config: Config) -> list[str]:
     """The deployed study's class list (`data.classes`), refusing fewer than two."""
-    classes = [c.strip() for c in config.data.classes.split(",") if c.strip()]
-    if len(classes) < 2 or len(set(classes)) != len(classes):
+    classes = [c.strip() for c in config.data.classes or []]
+    if len(classes) < 2 or len(set(classes)) != len(classes) or not all(classes):
         raise MedfedError(
             f"data.classes={config.data.classes!r}: a study across hospitals must name its classes "
-            f"in label order, e.g. data: {{classes: 'normal,pneumonia'}} (two or more, no repeats)"
+            f"in label order, e.g. data: {{classes: [normal, pneumonia]}} (two or more, no repeats)"
         )
     return classes

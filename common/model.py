@@ -73,6 +73,20 @@ def build_model(config: ModelConfig, *, num_classes: int, seed: int) -> nn.Modul
     return model
 
 
+def check_model(config: ModelConfig, *, num_classes: int, image_size: int, seed: int) -> None:
+    """Build the model once and run one input through it: catches a bad name, weights, --freeze
+    or too-small input before any run directory exists or any site is contacted."""
+    model = build_model(config, num_classes=num_classes, seed=seed).eval()
+    try:
+        with torch.no_grad():
+            model(torch.zeros(1, 3, image_size, image_size))
+    except RuntimeError as exc:
+        raise MedfedError(
+            f"data.image_size={image_size} is too small for backbone '{config.backbone}' "
+            f"({str(exc).splitlines()[0]}); use a larger --image-size"
+        ) from None
+
+
 def load_imagenet(name: str) -> nn.Module:
     """A 1000-class ImageNet model: from an offline weight package when one exists, else timm's hub."""
     if name in OFFLINE_IMAGENET:

@@ -41,13 +41,15 @@ def run_server(
     partition: dict | None = None,
     site_config: dict | None = None,
     resume: bool = False,
+    roll_call: bool = False,
     progress: Callable[[str], None] = print,
 ) -> dict:
     """Run the whole federation and write its outputs into `run_dir`; return the report.
 
-    Waits up to `wait_s` for the expected sites, goes on with those present when at least
-    `min_sites` (default: all) joined, writes a checkpoint after every round, and with `resume`
-    continues from the checkpoint in `run_dir`."""
+    With `roll_call` (real sites) it first waits up to `wait_s` for the expected sites and goes on
+    with those present when at least `min_sites` (default: all) joined; a simulation's virtual
+    sites exist by construction. A checkpoint is written after every round; `resume` continues
+    from the checkpoint in `run_dir`."""
     started = time.perf_counter()
     min_sites = len(expected_sites) if min_sites is None else min_sites
     num_classes = len(dataset["classes"])
@@ -104,8 +106,10 @@ def run_server(
                             strategy_state=strategy.state_dict(), config_json=config.to_json())
         return MetricRecord({k: result[k] for k in SCALARS if result[k] is not None}) if result else None
 
-    present = wait_for_sites(grid, expected=expected_sites, min_sites=min_sites, wait_s=wait_s,
-                             round_config=round_config, progress=progress)
+    present = expected_sites
+    if roll_call:
+        present = wait_for_sites(grid, expected=expected_sites, min_sites=min_sites, wait_s=wait_s,
+                                 round_config=round_config, progress=progress)
     progress(f"{len(present)} sites, {config.federation.rounds} rounds of {config.federation.strategy}; "
              f"{trainable:,} of {total:,} parameters trainable "
              f"({wire.record_bytes(initial) / 1e6:.2f} MB per payload)")
@@ -225,8 +229,8 @@ def deployed(grid: Grid, context: Context) -> None:
                    dataset={"name": run_dir.name, "classes": classes},
                    expected_sites=expected, min_sites=int(settings["min-sites"]),
                    wait_s=float(settings["wait-sites-s"]), resume=bool(settings["resume"]),
-                   progress=progress)
-    except (MedfedError, RuntimeError) as exc:
+                   roll_call=True, progress=progress)
+    except Exception as exc:
         # The launcher shows this file: the user sees why the run stopped, not a remote traceback.
-        (run_dir / "error.txt").write_text(f"{exc}\n")
+        (run_dir / "error.txt").write_text(f"{exc if isinstance(exc, MedfedError) else repr(exc)}\n")
         raise

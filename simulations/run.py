@@ -23,7 +23,7 @@ from medfed.common.dataset import LabelledImages, load_splits, save_splits
 from medfed.common.errors import MedfedError
 from medfed.common.medmnist import data_dir, locate
 from medfed.common.medmnist_catalogue import DATASETS
-from medfed.common.model import build_model, native_input_size
+from medfed.common.model import check_model, native_input_size
 from medfed.common.sources import Loaded, discover, load
 from medfed.common.splits import split_indices
 from medfed.server.app import make_server_app
@@ -65,7 +65,8 @@ def _prepare_medmnist(config: Config, *, fold: tuple[int, int] | None) -> Prepar
         raise MedfedError(f"{path} lacks one of the official train/val/test splits")
     info = DATASETS[config.data.dataset]
     classes = info["labels"]
-    _check_model(config, num_classes=len(classes))
+    check_model(config.model, num_classes=len(classes), image_size=config.data.image_size,
+                seed=config.seed)
     pool = LabelledImages(
         np.concatenate([official["train"].images, official["val"].images]),
         np.concatenate([official["train"].labels, official["val"].labels]),
@@ -91,7 +92,8 @@ def _prepare_collection(config: Config, *, fold: tuple[int, int] | None) -> Prep
         config.data.image_size = native_input_size(config.model.backbone)
     kind, loaded = _decoded(config.data.path, image_size=config.data.image_size,
                             frame=config.data.frame, skip_bad=config.data.skip_bad)
-    _check_model(config, num_classes=len(loaded.classes))
+    check_model(config.model, num_classes=len(loaded.classes), image_size=config.data.image_size,
+                seed=config.seed)
     present = np.unique(loaded.images.labels)
     if len(present) < 2:
         raise MedfedError(
@@ -184,20 +186,6 @@ def _partition_info(config: Config, *, pool: str, global_test: str) -> dict:
         "seed": config.seed, "site_split": "stratified 70/15/15",
         "pool": pool, "global_test": global_test,
     }
-
-
-def _check_model(config: Config, *, num_classes: int) -> None:
-    """Build the model once: catches bad names, weights, --freeze and too-small inputs early."""
-    model = build_model(config.model, num_classes=num_classes, seed=config.seed).eval()
-    size = config.data.image_size
-    try:
-        with torch.no_grad():
-            model(torch.zeros(1, 3, size, size))
-    except RuntimeError as exc:
-        raise MedfedError(
-            f"data.image_size={size} is too small for backbone '{config.model.backbone}' "
-            f"({str(exc).splitlines()[0]}); use a larger --image-size"
-        ) from None
 
 
 def save_sites(prepared: Prepared, sites_dir: Path) -> None:

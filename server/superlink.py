@@ -1,0 +1,365 @@
+"""`medfed server start`: one study on Flower's deployment engine, from start to report.
+
+It starts `flower-superlink` (TLS from `medfed certs init`, `--enable-supernode-auth`, its state
+in `<run_dir>/superlink.db`), registers the public keys of the sites in sites.yaml with
+`flwr supernode register`, launches the medfed ServerApp with `flwr run` on a generated Flower
+app (a pyproject.toml only: medfed is installed, so the bundle carries no code), follows the
+run until it ends, and stops the SuperLink. The ServerApp receives everything through Flower's
+run config and writes its checkpoints and report into the run directory.
+
+Flower 1.42's SuperLink serves its Fleet API (the sites), Control API (`flwr`) and Runtime API
+(the ServerApp) on one HTTPS port; sites connect to `HOST:PORT`.
+"""
+
+from __future__ import annotations
+
+import json
+import ssl
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass
+from importlib.metadata import version
+from pathlib import Path
+
+import tomli_w
+import yaml
+
+from medfed.common.config import Config, load_yaml, parse_assignment, set_value, study_classes, validate
+from medfed.common.model import check_model, native_input_size
+from medfed.common.errors import MedfedError
+from medfed.common.processes import (
+    Child, FlowerCommandError, Follower, check_port_free, executable, flower_env, flwr_json, shielded,
+    tail,
+)
+from medfed.server.certs import CA_CERT, SERVER_CERT, SERVER_KEY, read_sites
+
+CONNECTION = "medfed"
+CONFIG_FILE = "config.yaml"
+PROGRESS_FILE = "progress.log"   # written by the ServerApp (server/app.py)
+ERROR_FILE = "error.txt"         # written by the ServerApp when the run fails
+REPORT_FILE = "report.json"
+NODES_FILE = "nodes.json"       # site name -> Flower node id
+HEALTH_TIMEOUT_S = 60.0
+STOP_GRACE_S = 15.0
+POLL_S = 2.0
+# Beyond the rounds themselves: ServerApp start-up, the sites' roll call, the final evaluation.
+DEADLINE_MARGIN_S = 600.0
+
+
+class RunFailed(MedfedError):
+    """The federation ran and did not finish (the CLI exits 1, not 2)."""
+
+
+@dataclass
+class Study:
+    """Everything `medfed server start` checked before starting any process."""
+
+    config: Config
+    run_dir: Path
+    sites: dict[str, Path]
+    certs: Path | None   # None: --insecure
+    host: str
+    port: int
+    min_sites: int
+    wait_s: float
+    resume: bool
+
+    @property
+    def deadline_s(self) -> float:
+        f = self.config.federation
+        # Every round trains and evaluates, each bounded by round_timeout; then one final evaluation.
+        return self.wait_s + (2 * f.rounds + 1) * f.round_timeout + DEADLINE_MARGIN_S
+
+
+def prepare(*, config_file: Path | None, assignments: list[str], certs: Path | None,
+            sites_file: Path | None, out: Path | None, resume: Path | None, insecure: bool,
+            host: str, port: int, min_sites: int | None, wait: str) -> Study:
+    """Check the inputs of `medfed server start`; nothing is started or written here."""
+    if resume is not None:
+        if config_file is not None:
+            raise MedfedError("--resume continues a run with its own config.yaml; leave out --config "
+                              "(more rounds: --set federation.rounds=N)")
+        if out is not None:
+            raise MedfedError("--resume RUN_DIR is the run directory; leave out --out")
+        run_dir = resume
+        config_file = run_dir / CONFIG_FILE
+        if not config_file.is_file():
+            raise MedfedError(f"cannot resume {run_dir}: it has no {CONFIG_FILE} (not a `medfed server "
+                              f"start` run directory)")
+    elif config_file is None:
+        raise MedfedError("--config is required: the study's YAML (with data.classes), e.g. "
+                          "--config study.yaml")
+    config = load_yaml(config_file)
+    for assignment in assignments:
+        set_value(config, *parse_assignment(assignment))
+    validate(config)
+    classes = study_classes(config)
+    if config.data.image_size is None:
+        # Hospital images go to the backbone's own input size unless the study says otherwise;
+        # fixed here so the server and every site resize the same way.
+        config.data.image_size = native_input_size(config.model.backbone)
+    check_model(config.model, num_classes=len(classes), image_size=config.data.image_size,
+                seed=config.seed)
+    if resume is None:
+        run_dir = out or Path(config.out or f"runs/study-{time.strftime('%Y%m%d-%H%M%S')}")
+        if run_dir.exists() and any(run_dir.iterdir()):
+            raise MedfedError(f"run directory {run_dir} already exists and is not empty; choose another "
+                              f"--out, or continue it with --resume {run_dir}")
+
+    if insecure:
+        if certs is not None:
+            raise MedfedError("--insecure runs without TLS; leave out --certs (or drop --insecure)")
+    else:
+        if certs is None:
+            raise MedfedError("--certs is required (the folder `medfed certs init` wrote); plaintext "
+                              "only with --insecure")
+        missing = [n for n in (CA_CERT, SERVER_CERT, SERVER_KEY) if not (certs / n).is_file()]
+        if missing:
+            raise MedfedError(f"{certs} lacks {', '.join(missing)}; create them with `medfed certs init "
+                              f"--out {certs} --server-host HOST --sites ...`")
+    if sites_file is None:
+        if certs is None:
+            raise MedfedError("--sites is required: the sites.yaml that names the sites")
+        sites_file = certs / "sites.yaml"
+    sites = read_sites(sites_file)
+    min_sites = len(sites) if min_sites is None else min_sites
+    if not 1 <= min_sites <= len(sites):
+        raise MedfedError(f"--min-sites {min_sites}: must be between 1 and the {len(sites)} sites "
+                          f"in {sites_file}")
+    if not 1 <= port <= 65535:
+        raise MedfedError(f"--port {port}: must be between 1 and 65535")
+    if resume is None:
+        config.out = str(run_dir.resolve())  # a resumed run keeps its config, `out` included
+    return Study(config=config, run_dir=run_dir.resolve(), sites=sites,
+                 certs=None if certs is None else certs.resolve(), host=host, port=port,
+                 min_sites=min_sites, wait_s=parse_duration(wait, option="--wait-sites"),
+                 resume=resume is not None)
+
+
+def parse_duration(text: str, *, option: str) -> float:
+    """`90`, `90s`, `10m`, `1.5h` -> seconds."""
+    units = {"s": 1, "m": 60, "h": 3600}
+    raw = text.strip().lower()
+    scale = units.get(raw[-1:], None)
+    number = raw[:-1] if scale else raw
+    try:
+        seconds = float(number) * (scale or 1)
+    except ValueError:
+        seconds = -1
+    if seconds < 0:
+        raise MedfedError(f"{option} {text!r}: expected a duration such as 90s, 10m or 1h")
+    return seconds
+
+
+def serve(study: Study, *, progress=print) -> dict:
+    """Run the study on a fresh SuperLink; the report, or RunFailed. The SuperLink is stopped on
+    every way out, Ctrl-C included."""
+    check_port_free(study.host, study.port, option="--port")
+    run_dir = study.run_dir
+    logs = run_dir / "logs"
+    logs.mkdir(parents=True, exist_ok=True)
+    (run_dir / CONFIG_FILE).write_text(yaml.safe_dump(study.config.to_dict(), sort_keys=False))
+    (run_dir / ERROR_FILE).unlink(missing_ok=True)
+    if study.certs is None:
+        progress("WARNING: --insecure: no TLS and no site authentication; anyone who reaches "
+                 f"port {study.port} can join the federation or read its traffic. For tests only.")
+    flwr_home = run_dir / "flwr-home"
+    # FLWR_HOME in the run directory: Flower installs the app bundle there, not in ~/.flwr.
+    superlink = Child(_superlink_command(study), log=logs / "superlink.log",
+                      env=flower_env(FLWR_HOME=str(flwr_home)), cwd=run_dir)
+    children = [superlink]
+    run_id, finished = None, False
+    try:
+        _wait_healthy(study, superlink)
+        progress(f"SuperLink up on {study.host}:{study.port} ({'TLS' if study.certs else 'plaintext'}); "
+                 f"log: {superlink.log}")
+        _write_connection(study, flwr_home)
+        if study.certs is not None:
+            _register_sites(study, flwr_home, progress=progress)
+        app_dir = _write_app(study)
+        run_id = int(flwr_json(["run", str(app_dir), CONNECTION], flwr_home=flwr_home,
+                               timeout=120)["run-id"])
+        progress(f"run {run_id} started; waiting up to {study.wait_s:.0f} s for the "
+                 f"{len(study.sites)} sites ({', '.join(study.sites)}), at least {study.min_sites}")
+        status = _follow(study, superlink, children, run_id=run_id, flwr_home=flwr_home,
+                         progress=progress)
+        finished = True
+        return _outcome(study, status)
+    except FlowerCommandError as exc:
+        raise RunFailed(str(exc)) from None
+    finally:
+        with shielded():
+            if run_id is not None and not finished and superlink.running():
+                # Interrupted or timed out: end the run first, so its ServerApp does not linger.
+                try:
+                    flwr_json(["stop", str(run_id), CONNECTION], flwr_home=flwr_home, timeout=30)
+                except FlowerCommandError:
+                    pass
+            for child in reversed(children):
+                child.stop(grace=STOP_GRACE_S)
+
+
+def _superlink_command(study: Study) -> list[str]:
+    command = [executable("flower-superlink"), "--host", study.host, "--port", str(study.port),
+               "--database", str(study.run_dir / "superlink.db"),
+               # medfed is installed here already; the generated app bundle declares no dependencies.
+               "--disable-runtime-dependency-installation"]
+    if study.certs is None:
+        return command + ["--insecure"]
+    return command + ["--ssl-ca-certfile", str(study.certs / CA_CERT),
+                      "--ssl-certfile", str(study.certs / SERVER_CERT),
+                      "--ssl-keyfile", str(study.certs / SERVER_KEY),
+                      "--enable-supernode-auth"]
+
+
+def _wait_healthy(study: Study, superlink: Child) -> None:
+    scheme = "http" if study.certs is None else "https"
+    context = None if study.certs is None else ssl.create_default_context(cafile=str(study.certs / CA_CERT))
+    url = f"{scheme}://127.0.0.1:{study.port}/health"
+    deadline = time.monotonic() + HEALTH_TIMEOUT_S
+    while time.monotonic() < deadline:
+        if not superlink.running():
+            raise RunFailed(f"flower-superlink exited (code {superlink.process.returncode}) while "
+                            f"starting; its log {superlink.log} ends with:\n{superlink.tail()}")
+        try:
+            with urllib.request.urlopen(url, timeout=2, context=context) as answer:
+                if answer.status == 200:
+                    return
+        except ssl.SSLError as exc:
+            raise MedfedError(f"the SuperLink's TLS certificate does not verify against "
+                              f"{study.certs / CA_CERT} ({exc.reason}); recreate the certificates "
+                              f"with `medfed certs init`") from None
+        except (urllib.error.URLError, OSError):
+            pass
+        time.sleep(0.5)
+    raise RunFailed(f"the SuperLink did not answer on port {study.port} within {HEALTH_TIMEOUT_S:.0f} s; "
+                    f"see {superlink.log}")
+
+
+def _write_connection(study: Study, flwr_home: Path) -> None:
+    """The Flower config that points `flwr` at this SuperLink (a private FLWR_HOME per run, so the
+    user's own ~/.flwr is neither read nor changed)."""
+    connection: dict = {"address": f"127.0.0.1:{study.port}"}
+    if study.certs is None:
+        connection["insecure"] = True
+    else:
+        connection["root-certificates"] = str(study.certs / CA_CERT)
+    flwr_home.mkdir(parents=True, exist_ok=True)
+    (flwr_home / "config.toml").write_text(
+        tomli_w.dumps({"superlink": {"default": CONNECTION, CONNECTION: connection}}))
+
+
+def _register_sites(study: Study, flwr_home: Path, *, progress) -> None:
+    """Admit exactly the sites of sites.yaml; their node ids go to nodes.json for `medfed status`
+    (Flower lists nodes by id only)."""
+    nodes_file = study.run_dir / NODES_FILE
+    nodes = json.loads(nodes_file.read_text()) if nodes_file.is_file() else {}
+    for site, key in study.sites.items():
+        try:
+            answer = flwr_json(["supernode", "register", str(key), CONNECTION, "--name", site],
+                               flwr_home=flwr_home, timeout=60)
+        except FlowerCommandError as exc:
+            # A resumed run reopens its SuperLink database, where the sites are registered already.
+            if "already in use" not in str(exc):
+                raise FlowerCommandError(f"cannot register site {site} ({key}): {exc}") from None
+            progress(f"site {site} registered already (node {nodes.get(site, '?')})")
+            continue
+        nodes[site] = str(answer["node-id"])
+        progress(f"registered site {site} (node {nodes[site]})")
+    nodes_file.write_text(json.dumps(nodes, indent=2) + "\n")
+
+
+def _write_app(study: Study) -> Path:
+    """The Flower app `flwr run` bundles: components and run config only."""
+    app_dir = study.run_dir / "flower-app"
+    app_dir.mkdir(exist_ok=True)
+    project = {
+        "project": {"name": "medfed-study", "version": version("medfed"),
+                    "description": "medfed federated study (ServerApp and ClientApp from the "
+                                   "installed medfed package)"},
+        "tool": {"flwr": {"app": {
+            "publisher": "medfed",
+            "components": {"serverapp": "medfed.server.app:app",
+                           "clientapp": "medfed.client.app:app"},
+            "config": {
+                "config-path": str(study.run_dir / CONFIG_FILE),
+                "run-dir": str(study.run_dir),
+                "resume": study.resume,
+                "min-sites": study.min_sites,
+                "wait-sites-s": float(study.wait_s),
+                "expected-sites": ",".join(study.sites),
+            },
+        }}},
+    }
+    (app_dir / "pyproject.toml").write_text(tomli_w.dumps(project))
+    return app_dir
+
+
+def _follow(study: Study, superlink: Child, children: list[Child], *, run_id: int,
+            flwr_home: Path, progress) -> str:
+    """Echo the ServerApp's progress until the run finishes; Flower's final status of the run.
+
+    `flwr log --stream` copies the ServerApp's own output (tracebacks included) into
+    logs/serverapp.log, which outlives the SuperLink, and ends when Flower marks the run
+    finished: that end is the signal to ask for the run's status."""
+    progress_log = Follower(study.run_dir / PROGRESS_FILE)
+    deadline = time.monotonic() + study.deadline_s
+    while True:
+        stream = Child([executable("flwr"), "log", str(run_id), CONNECTION, "--stream"],
+                       log=study.run_dir / "logs" / "serverapp.log",
+                       env=flower_env(FLWR_HOME=str(flwr_home)))
+        children.append(stream)
+        while stream.running():
+            for line in progress_log.lines():
+                progress(line)
+            if not superlink.running():
+                raise RunFailed(f"the SuperLink stopped during the run (exit code "
+                                f"{superlink.process.returncode}); see {superlink.log}:\n"
+                                f"{superlink.tail()}")
+            if time.monotonic() >= deadline:
+                raise RunFailed(f"run {run_id} did not finish within {study.deadline_s:.0f} s "
+                                f"(--wait-sites + rounds x federation.round_timeout); stopped it")
+            time.sleep(POLL_S)
+        for line in progress_log.lines():
+            progress(line)
+        runs = flwr_json(["ls", CONNECTION, "--run-id", str(run_id)], flwr_home=flwr_home,
+                         timeout=60)["runs"]
+        if runs and runs[0]["status"].startswith("finished"):
+            details = runs[0].get("status-details")
+            return runs[0]["status"] + (f" ({details})" if details not in (None, "", "N/A") else "")
+        # The stream broke off early (a network hiccup): follow on with a new one.
+        time.sleep(POLL_S)
+
+
+def _outcome(study: Study, status: str) -> dict:
+    run_dir = study.run_dir
+    error = run_dir / ERROR_FILE
+    if error.is_file():
+        raise RunFailed(f"the run failed: {error.read_text().strip()}")
+    report = run_dir / REPORT_FILE
+    if not status.startswith("finished:completed") or not report.is_file():
+        raise RunFailed(f"the run ended as {status} without a report; the ServerApp's log "
+                        f"{run_dir / 'logs' / 'serverapp.log'} ends with:\n"
+                        f"{tail(run_dir / 'logs' / 'serverapp.log')}")
+    return json.loads(report.read_text())
+
+
+def status(run_dir: Path) -> list[str]:
+    """What the SuperLink of a running `medfed server start` knows: its runs and the sites."""
+    flwr_home = run_dir / "flwr-home"
+    if not (flwr_home / "config.toml").is_file():
+        raise MedfedError(f"{run_dir} is not the directory of a `medfed server start` run")
+    try:
+        runs = flwr_json(["ls", CONNECTION], flwr_home=flwr_home, timeout=30)["runs"]
+    except FlowerCommandError as exc:
+        raise MedfedError(f"no SuperLink of {run_dir} answers (is `medfed server start` running?): "
+                          f"{exc}") from None
+    lines = [f"run {r['run-id']}: {r['status']}, {float(r['elapsed']):.0f} s" for r in runs]
+    nodes_file = run_dir / NODES_FILE
+    names = {v: k for k, v in json.loads(nodes_file.read_text()).items()} if nodes_file.is_file() else {}
+    for node in flwr_json(["supernode", "ls", CONNECTION], flwr_home=flwr_home, timeout=30)["nodes"]:
+        name = names.get(str(node["node-id"]), f"node {node['node-id']}")
+        lines.append(f"site {name}: {node['status']} (online since {node['online-at']})"
+                     if node["status"] == "online" else f"site {name}: {node['status']}")
+    return lines

@@ -1,0 +1,222 @@
+"""The deployment engine for real: `medfed server start` (a SuperLink with TLS and SuperNode
+authentication) and one `medfed client` per hospital (a SuperNode each), all separate processes
+on loopback, on real BreastMNIST split across three sites, with a tiny model.
+
+The two studies of the `deployments` fixture run side by side, each on its own SuperLink: most of
+a study's time is Flower's polling and a fresh ClientApp process per message, so on a machine with
+spare cores two take little longer than one. Every process is started by that fixture and ended
+in its teardown (Ctrl-C first, which medfed turns into a clean shutdown of its Flower processes;
+SIGKILL only after a bounded wait); every wait is bounded.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+from commands import MEDFED
+
+from medfed.common.dataset import load_splits, save_splits
+from medfed.common.processes import free_port
+from medfed.server.certs import init_certs
+
+SITES = ["hospital-a", "hospital-b", "hospital-c"]
+STUDY = {
+    "data": {"classes": ["malignant", "normal, benign"], "image_size": 32},
+    "model": {"backbone": "test_efficientnet", "weights": "none"},
+    "train": {"device": "cpu"},
+    "federation": {"rounds": 2, "round_timeout": 120},
+}
+RUN_LIMIT_S = 420
+PARTIAL_WAIT_S = 20
+
+
+class Process:
+    def __init__(self, args: list[str], *, folder: Path, name: str, env: dict[str, str]):
+        self.name = name
+        self.stdout, self.stderr = folder / f"{name}.out", folder / f"{name}.err"
+        with self.stdout.open("w") as out, self.stderr.open("w") as err:
+            self.popen = subprocess.Popen([MEDFED, *args], stdout=out, stderr=err, env=env,
+                                          stdin=subprocess.DEVNULL)
+
+    @property
+    def out(self) -> str:
+        return self.stdout.read_text()
+
+    @property
+    def err(self) -> str:
+        return self.stderr.read_text()
+
+    def wait(self, timeout: float) -> int:
+        try:
+            return self.popen.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            pytest.fail(f"{self.name} still running after {timeout:.0f} s\n"
+                        f"stdout:\n{self.out}\nstderr:\n{self.err}")
+
+    def interrupt(self, timeout: float = 40) -> int:
+        """Ctrl-C, as a user would; medfed stops its Flower processes and exits 130."""
+        if self.popen.poll() is None:
+            self.popen.send_signal(signal.SIGINT)
+        return self.wait(timeout)
+
+
+@pytest.fixture(scope="module")
+def federation(tmp_path_factory, medmnist_dir) -> Path:
+    """Keys for the three hospitals and an intruder that is not in sites.yaml; each hospital's
+    share of BreastMNIST as an npz with its own train/val/test; the study config."""
+    root = tmp_path_factory.mktemp("federation")
+    init_certs(root / "certs", server_host="fl.example.org", sites=[*SITES, "intruder"])
+    (root / "sites.yaml").write_text(yaml.safe_dump(
+        {"sites": {s: str(root / "certs" / s / "node-auth.pub") for s in SITES}}))
+    init_certs(root / "other-certs", server_host="fl.example.org", sites=["hospital-a"])
+    splits = load_splits(medmnist_dir / "breastmnist.npz")
+    for i, site in enumerate(SITES):
+        save_splits(root / f"{site}.npz", {k: v.subset(slice(i, None, len(SITES)))
+                                           for k, v in splits.items()})
+    (root / "study.yaml").write_text(yaml.safe_dump(STUDY))
+    return root
+
+
+def _server(start, federation: Path, run_dir: Path, port: int, *extra: str) -> Process:
+    return start(f"server-{port}", "server", "start", "--config", str(federation / "study.yaml"),
+                 "--certs", str(federation / "certs"), "--sites", str(federation / "sites.yaml"),
+                 "--out", str(run_dir), "--host", "127.0.0.1", "--port", str(port), *extra)
+
+
+def _client(start, federation: Path, site: str, port: int, *, name: str | None = None,
+            certs: Path | None = None, data: str | None = None, timeout: float = 120) -> Process:
+    name = f"{name or site}-{port}"
+    return start(name, "client", "--site", site, "--data", str(federation / f"{data or site}.npz"),
+                 "--superlink", f"localhost:{port}",
+                 "--certs", str(certs or federation / "certs" / site),
+                 "--log-file", str(federation / f"{name}.log"), "--connect-timeout", str(timeout))
+
+
+def _wait_for(predicate, *, timeout: float, what: str):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        time.sleep(1)
+    pytest.fail(f"timed out after {timeout:.0f} s waiting for {what}")
+
+
+@pytest.fixture(scope="module")
+def deployments(tmp_path_factory, federation):
+    """Two studies at once, each on its own SuperLink (the runs mostly wait on Flower's polling,
+    so side by side they take little longer than one): `full`, three hospitals plus a stranger
+    and a site holding another federation's CA; `partial`, one hospital never comes."""
+    folder = tmp_path_factory.mktemp("deployments")
+    # SuperNodes install the app bundle under FLWR_HOME: keep it out of the user's ~/.flwr.
+    env = {**os.environ, "MEDFED_OFFLINE": "1", "FLWR_HOME": str(folder / "flwr-home")}
+    started: list[Process] = []
+
+    def start(name: str, *args: str) -> Process:
+        started.append(Process(list(args), folder=folder, name=name, env=env))
+        return started[-1]
+
+    try:
+        full, partial = free_port(), free_port()
+        began = time.monotonic()
+        yield {
+            "full": {
+                "run_dir": folder / "full",
+                "server": _server(start, federation, folder / "full", full, "--wait-sites", "180s"),
+                "clients": [_client(start, federation, site, full) for site in SITES],
+                "intruder": _client(start, federation, "intruder", full, data="hospital-a",
+                                    timeout=30),
+                "wrong_ca": _client(start, federation, "hospital-a", full, name="wrong-ca",
+                                    timeout=60, certs=federation / "other-certs" / "hospital-a"),
+            },
+            "partial": {
+                "run_dir": folder / "partial",
+                "server": _server(start, federation, folder / "partial", partial, "--wait-sites",
+                                  f"{PARTIAL_WAIT_S}s", "--min-sites", "2",
+                                  "--set", "federation.rounds=1"),
+                "clients": [_client(start, federation, site, partial) for site in SITES[:2]],
+                "began": began,
+                "port": partial, "env": env, "certs": federation / "certs",
+                "sites": federation / "sites.yaml",
+            },
+        }
+    finally:
+        for process in started:
+            if process.popen.poll() is None:
+                process.popen.send_signal(signal.SIGINT)
+        for process in started:
+            try:
+                process.popen.wait(timeout=40)
+            except subprocess.TimeoutExpired:
+                process.popen.kill()
+                process.popen.wait(timeout=10)
+
+
+def test_three_hospitals_train_over_tls_and_strangers_are_turned_away(deployments):
+    d = deployments["full"]
+    server, run_dir = d["server"], d["run_dir"]
+
+    assert d["wrong_ca"].wait(120) == 1, d["wrong_ca"].err
+    assert "TLS" in d["wrong_ca"].err and "Traceback" not in d["wrong_ca"].err
+    intruder = d["intruder"]
+    assert intruder.wait(120) == 1, intruder.err
+    assert "refused intruder's key" in intruder.err and "sites.yaml" in intruder.err
+    assert len(intruder.err.strip().splitlines()) == 1
+
+    _wait_for(lambda: "2 rounds" in server.out, timeout=240, what="the first round")
+    status = subprocess.run([MEDFED, "status", str(run_dir)], capture_output=True, text=True,
+                            timeout=60)
+    assert status.returncode == 0, status.stderr
+    assert "running" in status.stdout
+    assert all(f"site {s}: online" in status.stdout for s in SITES), status.stdout
+
+    assert server.wait(RUN_LIMIT_S) == 0, f"{server.out}\n{server.err}"
+    report = json.loads((run_dir / "report.json").read_text())
+    assert sorted(report["sites"]) == SITES
+    assert [r["round"] for r in report["rounds"]] == [1, 2]
+    assert all(set(r["train"]) == set(SITES) for r in report["rounds"])
+    assert (run_dir / "global_model.pt").is_file() and (run_dir / "checkpoint.pt").is_file()
+    assert "final model from round" in server.out and "hospital-c" in server.out
+    assert "round" in (run_dir / "logs" / "serverapp.log").read_text()
+
+    for client in d["clients"]:
+        assert "joined the SuperLink" in client.out
+        assert "train request from the server" in client.out
+        assert client.interrupt() == 130, client.err
+
+
+def test_a_site_that_never_comes_is_left_out_on_time(deployments):
+    d = deployments["partial"]
+    server = d["server"]
+    assert server.wait(RUN_LIMIT_S) == 0, f"{server.out}\n{server.err}"
+    assert "hospital-c" in server.out  # named as missing
+    report = json.loads((d["run_dir"] / "report.json").read_text())
+    assert sorted(report["sites"]) == SITES[:2]
+    assert time.monotonic() - d["began"] < RUN_LIMIT_S
+
+
+@pytest.mark.slow
+def test_a_finished_study_resumes_for_more_rounds(deployments):
+    """The SuperLink's database outlives it: a resumed study finds its sites registered, the
+    SuperNodes that kept running reconnect by themselves, and the ServerApp goes on from its
+    checkpoint."""
+    d = deployments["partial"]
+    assert d["server"].wait(RUN_LIMIT_S) == 0
+    resumed = Process(["server", "start", "--resume", str(d["run_dir"]), "--set",
+                       "federation.rounds=2", "--sites", str(d["sites"]), "--certs", str(d["certs"]),
+                       "--wait-sites", "60s", "--min-sites", "2", "--host", "127.0.0.1",
+                       "--port", str(d["port"])],
+                      folder=d["run_dir"].parent, name="resumed", env=d["env"])
+    try:
+        assert resumed.wait(RUN_LIMIT_S) == 0, f"{resumed.out}\n{resumed.err}"
+    finally:
+        resumed.interrupt()
+    assert "registered already" in resumed.out and "resuming after round 1" in resumed.out
+    report = json.loads((d["run_dir"] / "report.json").read_text())
+    assert [r["round"] for r in report["rounds"]] == [1, 2]
