@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import Optional
+from typing import NoReturn, Optional
 
 import typer
 
@@ -26,6 +26,12 @@ OPTION_KEYS = {
     "compare": "evidence.compare", "seeds": "evidence.seeds", "folds": "evidence.folds",
     "train_fraction": "evidence.train_fractions",
 }
+
+
+def fail(exc: Exception, *, code: int) -> NoReturn:
+    """The user sees one line, never a traceback: 2 = bad input, 1 = a run that failed."""
+    typer.echo(f"error: {exc}", err=True)
+    raise typer.Exit(code) from None
 
 
 @app.callback()
@@ -90,8 +96,7 @@ def simulate(
         run_dir, report = run_simulation(resolved, progress=lambda line: typer.echo(line),
                                          verbose=verbose)
     except MedfedError as exc:
-        typer.echo(f"error: {exc}", err=True)
-        raise typer.Exit(2) from None
+        fail(exc, code=2)
     print_summary(run_dir, report)
 
 
@@ -116,8 +121,7 @@ def data_check(
         summary = check(path, classes=classes.split(",") if classes else None, frame=frame)
         write_json(out, summary)
     except MedfedError as exc:
-        typer.echo(f"error: {exc}", err=True)
-        raise typer.Exit(2) from None
+        fail(exc, code=2)
     typer.echo(render(summary))
     typer.echo(f"summary written to {out}")
     if not summary["usable"]:
@@ -143,8 +147,7 @@ def certs_init(
     try:
         made = init_certs(out, server_host=server_host, sites=sites.split(","), force=force)
     except MedfedError as exc:
-        typer.echo(f"error: {exc}", err=True)
-        raise typer.Exit(2) from None
+        fail(exc, code=2)
     typer.echo(f"CA {made['ca']}; server certificate {made['server_cert']} for {server_host}, "
                f"localhost and 127.0.0.1")
     for site, folder in made["sites"].items():
@@ -188,11 +191,9 @@ def server_start(
         typer.echo("interrupted; nothing is left running", err=True)
         raise typer.Exit(130) from None
     except RunFailed as exc:
-        typer.echo(f"error: {exc}", err=True)
-        raise typer.Exit(1) from None
+        fail(exc, code=1)
     except MedfedError as exc:
-        typer.echo(f"error: {exc}", err=True)
-        raise typer.Exit(2) from None
+        fail(exc, code=2)
     print_study_summary(study.run_dir, report)
 
 
@@ -205,8 +206,7 @@ def status(run_dir: Path = typer.Argument(..., help="The run directory of a runn
     try:
         typer.echo("\n".join(superlink_status(run_dir)))
     except MedfedError as exc:
-        typer.echo(f"error: {exc}", err=True)
-        raise typer.Exit(2) from None
+        fail(exc, code=2)
 
 
 @app.command()
@@ -241,11 +241,9 @@ def client(
         typer.echo(f"interrupted; {site} left the federation", err=True)
         raise typer.Exit(130) from None
     except ConnectFailed as exc:
-        typer.echo(f"error: {exc}", err=True)
-        raise typer.Exit(1) from None
+        fail(exc, code=1)
     except MedfedError as exc:
-        typer.echo(f"error: {exc}", err=True)
-        raise typer.Exit(2) from None
+        fail(exc, code=2)
 
 
 def print_study_summary(run_dir: Path, report: dict) -> None:
@@ -273,8 +271,7 @@ def report(run_dir: Path = typer.Argument(..., help="A finished `medfed simulate
     try:
         rebuilt = rebuild(run_dir)
     except MedfedError as exc:
-        typer.echo(f"error: {exc}", err=True)
-        raise typer.Exit(2) from None
+        fail(exc, code=2)
     print_summary(run_dir, rebuilt)
 
 

@@ -17,7 +17,9 @@ from pathlib import Path
 from medfed.client.data_check import check
 from medfed.common.dataset import SPLITS, load_splits
 from medfed.common.errors import MedfedError
-from medfed.common.processes import Child, Follower, executable, flower_env, free_port, shielded
+from medfed.common.processes import (
+    Child, Follower, check_tls_folder, executable, flower_env, free_port, shielded,
+)
 from medfed.common.sources import is_collection
 
 # The site folder as `medfed certs init` writes it (server/certs.py; a test keeps the two equal).
@@ -64,17 +66,8 @@ def prepare(*, site: str, data: Path, superlink: str, certs: Path | None, insecu
     if not host or not port.isdigit() or "://" in superlink:
         raise MedfedError(f"--superlink {superlink!r}: expected HOST:PORT without a scheme, "
                           f"e.g. fl.example.org:9092")
-    if insecure:
-        if certs is not None:
-            raise MedfedError("--insecure connects without TLS; leave out --certs (or drop --insecure)")
-    else:
-        if certs is None:
-            raise MedfedError(f"--certs is required: the folder for {site} that `medfed certs init` "
-                              f"wrote ({CA_CERT}, {NODE_KEY}); plaintext only with --insecure")
-        missing = [n for n in (CA_CERT, NODE_KEY) if not (certs / n).is_file()]
-        if missing:
-            raise MedfedError(f"{certs} lacks {', '.join(missing)}; it should be the site's folder from "
-                              f"`medfed certs init` (certs/{site}/)")
+    check_tls_folder(certs, insecure=insecure, needed=(CA_CERT, NODE_KEY),
+                     hint=f"give the folder for {site} that `medfed certs init` wrote (certs/{site}/)")
     if connect_timeout <= 0:
         raise MedfedError(f"--connect-timeout {connect_timeout}: must be more than 0 seconds")
     return Site(name=site, data=data.resolve(), superlink=superlink,

@@ -185,3 +185,16 @@ def flwr_json(args: list[str], *, flwr_home: Path, timeout: float) -> dict:
 
 class FlowerCommandError(MedfedError):
     """`flwr` did not do what was asked: no answer, or a refusal (Flower's message is the text)."""
+
+
+def check_tls_folder(certs: Path | None, *, insecure: bool, needed: tuple[str, ...], hint: str) -> None:
+    """`--certs` and `--insecure` exclude each other; a TLS connection needs its files."""
+    if insecure:
+        if certs is not None:
+            raise MedfedError("--insecure means no TLS; leave out --certs (or drop --insecure)")
+        return
+    if certs is None:
+        raise MedfedError(f"--certs is required: {hint}; plaintext only with --insecure")
+    missing = [name for name in needed if not (certs / name).is_file()]
+    if missing:
+        raise MedfedError(f"{certs} lacks {', '.join(missing)}; {hint}")

@@ -26,11 +26,11 @@ import tomli_w
 import yaml
 
 from medfed.common.config import Config, load_yaml, parse_assignment, set_value, study_classes, validate
-from medfed.common.model import check_model, native_input_size
 from medfed.common.errors import MedfedError
+from medfed.common.model import check_model, native_input_size
 from medfed.common.processes import (
-    Child, FlowerCommandError, Follower, check_port_free, executable, flower_env, flwr_json, shielded,
-    tail,
+    Child, FlowerCommandError, Follower, check_port_free, check_tls_folder, executable, flower_env,
+    flwr_json, shielded, tail,
 )
 from medfed.server.certs import CA_CERT, SERVER_CERT, SERVER_KEY, read_sites
 
@@ -107,17 +107,9 @@ def prepare(*, config_file: Path | None, assignments: list[str], certs: Path | N
             raise MedfedError(f"run directory {run_dir} already exists and is not empty; choose another "
                               f"--out, or continue it with --resume {run_dir}")
 
-    if insecure:
-        if certs is not None:
-            raise MedfedError("--insecure runs without TLS; leave out --certs (or drop --insecure)")
-    else:
-        if certs is None:
-            raise MedfedError("--certs is required (the folder `medfed certs init` wrote); plaintext "
-                              "only with --insecure")
-        missing = [n for n in (CA_CERT, SERVER_CERT, SERVER_KEY) if not (certs / n).is_file()]
-        if missing:
-            raise MedfedError(f"{certs} lacks {', '.join(missing)}; create them with `medfed certs init "
-                              f"--out {certs} --server-host HOST --sites ...`")
+    check_tls_folder(certs, insecure=insecure, needed=(CA_CERT, SERVER_CERT, SERVER_KEY),
+                     hint=f"give the folder `medfed certs init --out {certs or 'certs/'} --server-host "
+                          f"HOST --sites ...` wrote")
     if sites_file is None:
         if certs is None:
             raise MedfedError("--sites is required: the sites.yaml that names the sites")
