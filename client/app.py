@@ -38,12 +38,12 @@ def _template(config_json: str, num_classes: int):
 
 def _prepare(message: Message, context: Context):
     round_config = message.content["config"]
-    config = Config.from_json(str(round_config["medfed-config"]))
+    config_json = str(round_config["medfed-config"])
+    config = Config.from_json(config_json)
     num_classes = int(round_config["num-classes"])
     site, path = locate_site(dict(context.node_config), dict(round_config))
-    data = load_site(path, config_json=config.to_json(), classes=tuple(round_config["classes"]),
-                     site=site)
-    model = copy.deepcopy(_template(config.to_json(), num_classes))
+    data = load_site(path, config_json=config_json, classes=tuple(round_config["classes"]), site=site)
+    model = copy.deepcopy(_template(config_json, num_classes))
     keys = wire.exchanged_keys(model, bn=config.model.bn)
     wire.load_record(model, message.content["arrays"], keys=keys)
     if LOCAL_STATE in context.state:

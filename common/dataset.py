@@ -32,6 +32,12 @@ class LabelledImages:
     def subset(self, index: np.ndarray) -> LabelledImages:
         return LabelledImages(self.images[index], self.labels[index])
 
+    @staticmethod
+    def pooled(parts: list[LabelledImages]) -> LabelledImages:
+        """Several splits or sites as one (pooled training data, a global test set)."""
+        return LabelledImages(np.concatenate([p.images for p in parts]),
+                              np.concatenate([p.labels for p in parts]))
+
     def histogram(self, num_classes: int) -> list[int]:
         return np.bincount(self.labels, minlength=num_classes).astype(int).tolist()
 

@@ -290,15 +290,16 @@ def _sentence(result: dict, unit: str) -> str:
         details.append(f"{result['ties']} tied")
     details.append(f"mean {metric} {result['mean_difference']:+.3f}")
     tests = [
-        f"Wilcoxon p {_format_p(result['wilcoxon_p'])}",
-        f"paired t p {_format_p(result['ttest_p'])}",
+        f"Wilcoxon p {format_p(result['wilcoxon_p'])}",
+        f"paired t p {format_p(result['ttest_p'])}",
         "d_z n/a" if result["cohens_dz"] is None else f"d_z = {result['cohens_dz']:.2f}",
     ]
     return (f"{a} beats {b} at {result['wins']} of {result['n']} {unit} "
             f"({'; '.join(details)}; {', '.join(tests)})")
 
 
-def _format_p(p: float | None) -> str:
+def format_p(p: float | None) -> str:
+    """"= 0.031", "< 0.001" or "n/a": one way of writing p everywhere in the report."""
     if p is None:
         return "n/a"
     if p < 0.001:

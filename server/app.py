@@ -204,6 +204,9 @@ def make_server_app(**settings) -> ServerApp:
     return app
 
 
+# What the deployed ServerApp leaves for `medfed server start` (server/superlink.py) to show.
+PROGRESS_FILE = "progress.log"
+ERROR_FILE = "error.txt"
 app = ServerApp()
 
 
@@ -214,7 +217,7 @@ def deployed(grid: Grid, context: Context) -> None:
     (comma-separated), `min-sites`, `wait-sites-s` and `resume`."""
     settings = context.run_config
     run_dir = Path(str(settings["run-dir"]))
-    log_file = run_dir / "progress.log"
+    log_file = run_dir / PROGRESS_FILE
 
     def progress(line: str) -> None:
         print(line, flush=True)
@@ -232,5 +235,5 @@ def deployed(grid: Grid, context: Context) -> None:
                    roll_call=True, progress=progress)
     except Exception as exc:
         # The launcher shows this file: the user sees why the run stopped, not a remote traceback.
-        (run_dir / "error.txt").write_text(f"{exc if isinstance(exc, MedfedError) else repr(exc)}\n")
+        (run_dir / ERROR_FILE).write_text(f"{exc if isinstance(exc, MedfedError) else repr(exc)}\n")
         raise

@@ -27,17 +27,17 @@ import yaml
 
 from medfed.common.config import Config, load_yaml, parse_assignment, set_value, study_classes, validate
 from medfed.common.errors import MedfedError
+from medfed.common.files import write_json
 from medfed.common.model import check_model, native_input_size
 from medfed.common.processes import (
     Child, FlowerCommandError, Follower, check_port_free, check_tls_folder, executable, flower_env,
     flwr_json, shielded, tail,
 )
+from medfed.server.app import ERROR_FILE, PROGRESS_FILE
 from medfed.server.certs import CA_CERT, SERVER_CERT, SERVER_KEY, read_sites
 
 CONNECTION = "medfed"
 CONFIG_FILE = "config.yaml"
-PROGRESS_FILE = "progress.log"   # written by the ServerApp (server/app.py)
-ERROR_FILE = "error.txt"         # written by the ServerApp when the run fails
 REPORT_FILE = "report.json"
 NODES_FILE = "nodes.json"       # site name -> Flower node id
 HEALTH_TIMEOUT_S = 60.0
@@ -259,7 +259,7 @@ def _register_sites(study: Study, flwr_home: Path, *, progress) -> None:
             continue
         nodes[site] = str(answer["node-id"])
         progress(f"registered site {site} (node {nodes[site]})")
-    nodes_file.write_text(json.dumps(nodes, indent=2) + "\n")
+    write_json(nodes_file, nodes)
 
 
 def _write_app(study: Study) -> Path:

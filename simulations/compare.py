@@ -202,9 +202,7 @@ def _classical(prepared: Prepared, config: Config, *, device: torch.device) -> d
 
 
 def _pool(prepared: Prepared, split: str) -> LabelledImages:
-    parts = [s[split] for s in prepared.sites.values()]
-    return LabelledImages(np.concatenate([p.images for p in parts]),
-                          np.concatenate([p.labels for p in parts]))
+    return LabelledImages.pooled([s[split] for s in prepared.sites.values()])
 
 
 def _with_fraction(prepared: Prepared, fraction: float, *, seed: int) -> Prepared:

@@ -61,13 +61,14 @@ def write_evidence(run_dir: Path) -> dict:
 def build_evidence(run_dir: Path, meta: dict) -> dict:
     config = from_dict(meta["config"])
     classes = meta["dataset"]["classes"]
-    runs = []
+    runs, loaded = [], []
     for number, run in enumerate(meta["runs"]):
         try:
             with np.load(run_dir / run["dir"] / "predictions.npz") as npz:
                 predictions = dict(npz)
         except (OSError, ValueError) as exc:
             raise MedfedError(f"{run_dir / run['dir']}: predictions.npz is unreadable ({exc})") from None
+        loaded.append(predictions)
         judge = _Judge(predictions, sites=list(run["sites"]), binary=len(classes) == 2,
                        resamples=config.evidence.bootstrap, seed=run["seed"], with_roc=number == 0)
         runs.append({
@@ -94,7 +95,7 @@ def build_evidence(run_dir: Path, meta: dict) -> dict:
         "headline": _headline(final),
         "statistics": _statistics(final),
         "data_efficiency": _data_efficiency(runs) if len(meta["train_fractions"]) > 1 else None,
-        "gradcam": _gradcams(run_dir, meta["runs"][0], runs[0], config=config, classes=classes),
+        "gradcam": _gradcams(run_dir, meta["runs"][0], loaded[0], config=config, classes=classes),
         "timing": {"wall_s": meta["wall_s"]},
     }
     return report
@@ -248,10 +249,11 @@ def _model_card(config, *, num_classes: int) -> dict:
     return card
 
 
-def _gradcams(run_dir: Path, run_meta: dict, run: dict, *, config, classes: list[str]) -> list[dict]:
+def _gradcams(run_dir: Path, run_meta: dict, predictions: dict, *, config, classes: list[str]
+              ) -> list[dict]:
     """Overlays of the most confident right and wrong test answers per site and true class."""
     per_class = config.evidence.gradcam_per_class
-    chosen = next(((m, f) for m, f in GRADCAM_MODES if m in run["modes"]), None)
+    chosen = next(((m, f) for m, f in GRADCAM_MODES if m in run_meta["modes"]), None)
     if chosen is None or per_class == 0:
         return []
     mode, filename = chosen
@@ -263,7 +265,7 @@ def _gradcams(run_dir: Path, run_meta: dict, run: dict, *, config, classes: list
     entries = []
     for index, site in enumerate(run_meta["sites"]):
         test = load_splits(base / "sites" / f"site-{index}.npz")["test"]
-        probs = np.load(base / "predictions.npz")[f"{mode}|global|{site}/test|p"]
+        probs = predictions[f"{mode}|global|{site}/test|p"]
         predicted = probs.argmax(axis=1)
         for label in range(len(classes)):
             for correct in (True, False):

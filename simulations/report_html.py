@@ -30,9 +30,9 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
-from medfed.common.statistics import mean_std
+from medfed.common.metrics import SCALARS as METRICS
+from medfed.common.statistics import format_p, mean_std
 
-METRICS = ("accuracy", "balanced_accuracy", "precision", "recall", "specificity", "f1", "auc")
 METRIC_HEADERS = {
     "accuracy": "Accuracy", "balanced_accuracy": "Balanced accuracy", "precision": "Precision",
     "recall": "Sensitivity", "specificity": "Specificity", "f1": "F1", "auc": "AUC",
@@ -187,9 +187,7 @@ def _with_ci(value: float | None, ci: Sequence[float | None] | None) -> str:
 
 
 def _p(p: float | None) -> str:
-    if p is None:
-        return MISSING
-    return "< 0.001" if p < 0.001 else _num(p)
+    return format_p(p).removeprefix("= ")
 
 
 def _megabytes(count: float | None) -> str:
@@ -650,8 +648,7 @@ def _statistics_section(report: dict) -> list[Block]:
 
 
 def _statistics_row(comparison: dict) -> tuple[str, ...]:
-    # common.statistics writes "mean_difference"; older reports used "mean_diff".
-    difference = comparison.get("mean_difference", comparison.get("mean_diff"))
+    difference = comparison.get("mean_difference")
     return (f"{comparison.get('label_a')} vs {comparison.get('label_b')}",
             str(comparison.get("metric", MISSING)).upper(), str(comparison.get("n", MISSING)),
             MISSING if difference is None or not math.isfinite(difference)

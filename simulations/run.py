@@ -67,10 +67,7 @@ def _prepare_medmnist(config: Config, *, fold: tuple[int, int] | None) -> Prepar
     classes = info["labels"]
     check_model(config.model, num_classes=len(classes), image_size=config.data.image_size,
                 seed=config.seed)
-    pool = LabelledImages(
-        np.concatenate([official["train"].images, official["val"].images]),
-        np.concatenate([official["train"].labels, official["val"].labels]),
-    )
+    pool = LabelledImages.pooled([official["train"], official["val"]])
     sites = _split_sites(config, pool, parts=_partition(config, pool.labels), patients=None, fold=fold)
     dataset = {
         "name": config.data.dataset,
@@ -116,10 +113,7 @@ def _prepare_collection(config: Config, *, fold: tuple[int, int] | None) -> Prep
         parts = _partition(config, loaded.images.labels, patients=loaded.patients)
     sites = _split_sites(config, loaded.images, parts=parts, patients=loaded.patients, names=names,
                          fold=fold)
-    global_test = LabelledImages(
-        np.concatenate([s["test"].images for s in sites.values()]),
-        np.concatenate([s["test"].labels for s in sites.values()]),
-    )
+    global_test = LabelledImages.pooled([s["test"] for s in sites.values()])
     dataset = {
         "name": Path(config.data.path).name,
         "file": str(Path(config.data.path).resolve()),

@@ -13,7 +13,7 @@ from scipy import stats
 from medfed.common.metrics import SCALARS, classification_metrics
 from medfed.common.statistics import (
     _batch_metrics,
-    _format_p,
+    format_p,
     at_threshold,
     bootstrap_ci,
     mean_std,
@@ -249,10 +249,10 @@ def test_paired_comparison_degenerate_cases():
 
 
 def test_p_value_formatting_never_rounds_across_005():
-    assert _format_p(0.0496) == "= 0.0496"
-    assert _format_p(0.0612) == "= 0.061"
-    assert _format_p(0.0004) == "< 0.001"
-    assert _format_p(None) == "n/a"
+    assert format_p(0.0496) == "= 0.0496"
+    assert format_p(0.0612) == "= 0.061"
+    assert format_p(0.0004) == "< 0.001"
+    assert format_p(None) == "n/a"
 
 
 def test_mean_std():
