@@ -34,8 +34,36 @@ def fail(exc: Exception, *, code: int) -> NoReturn:
     raise typer.Exit(code) from None
 
 
+# What `medfed --version` reports: medfed and the libraries whose versions change its results.
+VERSION_PACKAGES = ("medfed", "flwr", "torch", "timm", "opacus")
+
+
+def versions() -> list[str]:
+    """`name version` lines from the installed packages' metadata (nothing heavy is imported)."""
+    from importlib import metadata
+    import platform
+
+    lines = []
+    for name in VERSION_PACKAGES:
+        try:
+            lines.append(f"{name} {metadata.version(name)}")
+        except metadata.PackageNotFoundError:
+            lines.append(f"{name} not installed")
+    return [*lines, f"python {platform.python_version()}"]
+
+
+def print_version(value: bool) -> None:
+    if value:
+        typer.echo("\n".join(versions()))
+        raise typer.Exit()
+
+
 @app.callback()
-def main() -> None:
+def main(
+    version: bool = typer.Option(False, "--version", is_eager=True, callback=print_version,
+                                 help="Show the versions of medfed, Flower, torch, timm and "
+                                      "Opacus, and exit."),
+) -> None:
     """medfed: one diagnostic classifier trained across hospitals; no image leaves its site."""
 
 
@@ -173,8 +201,9 @@ def server_start(
                                                        "joined in time (default: all)."),
     resume: Optional[Path] = typer.Option(None, help="Continue this run directory from its checkpoint."),
     insecure: bool = typer.Option(False, "--insecure", help="No TLS, no site authentication (tests only)."),
-    host: str = typer.Option("0.0.0.0", help="Address the SuperLink listens on."),
-    port: int = typer.Option(9092, help="The SuperLink's one port (sites, `flwr`, the ServerApp)."),
+    host: str = typer.Option("0.0.0.0", help="Address the sites connect to (nginx, passing Flower's "
+                                             "Fleet API only; the SuperLink itself stays on loopback)."),
+    port: int = typer.Option(9092, help="Port the sites connect to (--superlink HOST:PORT)."),
 ) -> None:
     """Run a study across hospitals: start the SuperLink, admit the sites in sites.yaml, run the
     medfed ServerApp, write the report, stop. Exit 0 done, 1 run failed, 2 bad input, 130 Ctrl-C."""

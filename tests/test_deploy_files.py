@@ -269,13 +269,14 @@ def test_dockerfile_builds_medfed_on_python_311_as_a_non_root_user():
 def test_dockerfile_copies_the_package_and_nothing_else():
     pyproject = tomllib.loads((ROOT / "pyproject.toml").read_text())
     packages = set(pyproject["tool"]["setuptools"]["package-dir"].values())
+    licenses = set(pyproject["project"]["license-files"])
     copied = set()
     for name, args in dockerfile():
         if name in ("COPY", "ADD"):
             assert name == "COPY" and "--from" not in args, args
             copied.update(args.split()[:-1])
     # Certificates, study configs and patient images are mounted at run time, never built in.
-    assert copied == packages | {"pyproject.toml", "README.md"}
+    assert copied == packages | licenses | {"pyproject.toml", "README.md"}
     ignore = (DEPLOY / "Dockerfile.dockerignore").read_text().split("\n")
     patterns = [p for p in ignore if p and not p.startswith("#")]
     assert patterns[0] == "**", "the build context must leave everything out unless named"
