@@ -66,6 +66,10 @@ class Child:
                                             stdin=subprocess.DEVNULL, env=env, cwd=cwd,
                                             start_new_session=True)
 
+    @property
+    def name(self) -> str:
+        return Path(self.process.args[0]).name
+
     def running(self) -> bool:
         return self.process.poll() is None
 

@@ -8,7 +8,9 @@ run until it ends, and stops the SuperLink. The ServerApp receives everything th
 run config and writes its checkpoints and report into the run directory.
 
 Flower 1.42's SuperLink serves its Fleet API (the sites), Control API (`flwr`) and Runtime API
-(the ServerApp) on one HTTPS port; sites connect to `HOST:PORT`.
+(the ServerApp) on one HTTPS port, the Control API without authentication. So the SuperLink
+listens on this machine's loopback only, on a port of its own, and the sites connect to
+`HOST:PORT`, where nginx (server/proxy.py) lets through the Fleet API and nothing else.
 """
 
 from __future__ import annotations
@@ -31,10 +33,11 @@ from medfed.common.files import write_json
 from medfed.common.model import check_model, native_input_size
 from medfed.common.processes import (
     Child, FlowerCommandError, Follower, check_port_free, check_tls_folder, executable, flower_env,
-    flwr_json, shielded, tail,
+    flwr_json, free_port, shielded, tail,
 )
 from medfed.server.app import ERROR_FILE, PROGRESS_FILE
 from medfed.server.certs import CA_CERT, SERVER_CERT, SERVER_KEY, read_sites
+from medfed.server.proxy import nginx_executable, start_proxy
 
 CONNECTION = "medfed"
 CONFIG_FILE = "config.yaml"
@@ -59,7 +62,7 @@ class Study:
     run_dir: Path
     sites: dict[str, Path]
     certs: Path | None   # None: --insecure
-    host: str
+    host: str            # where the proxy listens for the sites
     port: int
     min_sites: int
     wait_s: float
@@ -121,6 +124,7 @@ def prepare(*, config_file: Path | None, assignments: list[str], certs: Path | N
                           f"in {sites_file}")
     if not 1 <= port <= 65535:
         raise MedfedError(f"--port {port}: must be between 1 and 65535")
+    nginx_executable()
     if resume is None:
         config.out = str(run_dir.resolve())  # a resumed run keeps its config, `out` included
     return Study(config=config, run_dir=run_dir.resolve(), sites=sites,
@@ -148,6 +152,7 @@ def serve(study: Study, *, progress=print) -> dict:
     """Run the study on a fresh SuperLink; the report, or RunFailed. The SuperLink is stopped on
     every way out, Ctrl-C included."""
     check_port_free(study.host, study.port, option="--port")
+    link_port = free_port()  # the SuperLink's own, on loopback: never reachable from the network
     run_dir = study.run_dir
     logs = run_dir / "logs"
     logs.mkdir(parents=True, exist_ok=True)
@@ -158,15 +163,20 @@ def serve(study: Study, *, progress=print) -> dict:
                  f"port {study.port} can join the federation or read its traffic. For tests only.")
     flwr_home = run_dir / "flwr-home"
     # FLWR_HOME in the run directory: Flower installs the app bundle there, not in ~/.flwr.
-    superlink = Child(_superlink_command(study), log=logs / "superlink.log",
+    superlink = Child(_superlink_command(study, port=link_port), log=logs / "superlink.log",
                       env=flower_env(FLWR_HOME=str(flwr_home)), cwd=run_dir)
     children = [superlink]
     run_id, finished = None, False
     try:
-        _wait_healthy(study, superlink)
-        progress(f"SuperLink up on {study.host}:{study.port} ({'TLS' if study.certs else 'plaintext'}); "
-                 f"log: {superlink.log}")
-        _write_connection(study, flwr_home)
+        _wait_healthy(study, superlink, port=link_port)
+        proxy = start_proxy(folder=run_dir / "proxy", host=study.host, port=study.port,
+                            upstream_port=link_port, certs=study.certs, log=logs / "proxy.log")
+        children.append(proxy)
+        _wait_healthy(study, proxy, port=study.port)
+        progress(f"SuperLink up on 127.0.0.1:{link_port}; the sites' Fleet API only on "
+                 f"{study.host}:{study.port} through nginx ({'TLS' if study.certs else 'plaintext'}); "
+                 f"logs: {superlink.log}, {proxy.log}")
+        _write_connection(study, flwr_home, port=link_port)
         if study.certs is not None:
             _register_sites(study, flwr_home, progress=progress)
         app_dir = _write_app(study)
@@ -174,8 +184,7 @@ def serve(study: Study, *, progress=print) -> dict:
                                timeout=120)["run-id"])
         progress(f"run {run_id} started; waiting up to {study.wait_s:.0f} s for the "
                  f"{len(study.sites)} sites ({', '.join(study.sites)}), at least {study.min_sites}")
-        status = _follow(study, superlink, children, run_id=run_id, flwr_home=flwr_home,
-                         progress=progress)
+        status = _follow(study, children, run_id=run_id, flwr_home=flwr_home, progress=progress)
         finished = True
         return _outcome(study, status)
     except FlowerCommandError as exc:
@@ -192,8 +201,8 @@ def serve(study: Study, *, progress=print) -> dict:
                 child.stop(grace=STOP_GRACE_S)
 
 
-def _superlink_command(study: Study) -> list[str]:
-    command = [executable("flower-superlink"), "--host", study.host, "--port", str(study.port),
+def _superlink_command(study: Study, *, port: int) -> list[str]:
+    command = [executable("flower-superlink"), "--host", "127.0.0.1", "--port", str(port),
                "--database", str(study.run_dir / "superlink.db"),
                # medfed is installed here already; the generated app bundle declares no dependencies.
                "--disable-runtime-dependency-installation"]
@@ -205,15 +214,16 @@ def _superlink_command(study: Study) -> list[str]:
                       "--enable-supernode-auth"]
 
 
-def _wait_healthy(study: Study, superlink: Child) -> None:
+def _wait_healthy(study: Study, child: Child, *, port: int) -> None:
+    """Until `child` (the SuperLink, or the proxy in front of it) answers /health on `port`."""
     scheme = "http" if study.certs is None else "https"
     context = None if study.certs is None else ssl.create_default_context(cafile=str(study.certs / CA_CERT))
-    url = f"{scheme}://127.0.0.1:{study.port}/health"
+    url = f"{scheme}://127.0.0.1:{port}/health"
     deadline = time.monotonic() + HEALTH_TIMEOUT_S
     while time.monotonic() < deadline:
-        if not superlink.running():
-            raise RunFailed(f"flower-superlink exited (code {superlink.process.returncode}) while "
-                            f"starting; its log {superlink.log} ends with:\n{superlink.tail()}")
+        if not child.running():
+            raise RunFailed(f"{child.name} exited (code {child.process.returncode}) while "
+                            f"starting; its log {child.log} ends with:\n{child.tail()}")
         try:
             with urllib.request.urlopen(url, timeout=2, context=context) as answer:
                 if answer.status == 200:
@@ -225,14 +235,14 @@ def _wait_healthy(study: Study, superlink: Child) -> None:
         except (urllib.error.URLError, OSError):
             pass
         time.sleep(0.5)
-    raise RunFailed(f"the SuperLink did not answer on port {study.port} within {HEALTH_TIMEOUT_S:.0f} s; "
-                    f"see {superlink.log}")
+    raise RunFailed(f"{child.name} did not answer on port {port} within {HEALTH_TIMEOUT_S:.0f} s; "
+                    f"see {child.log}")
 
 
-def _write_connection(study: Study, flwr_home: Path) -> None:
-    """The Flower config that points `flwr` at this SuperLink (a private FLWR_HOME per run, so the
-    user's own ~/.flwr is neither read nor changed)."""
-    connection: dict = {"address": f"127.0.0.1:{study.port}"}
+def _write_connection(study: Study, flwr_home: Path, *, port: int) -> None:
+    """The Flower config that points `flwr` at this SuperLink's loopback port (a private
+    FLWR_HOME per run, so the user's own ~/.flwr is neither read nor changed)."""
+    connection: dict = {"address": f"127.0.0.1:{port}"}
     if study.certs is None:
         connection["insecure"] = True
     else:
@@ -288,14 +298,15 @@ def _write_app(study: Study) -> Path:
     return app_dir
 
 
-def _follow(study: Study, superlink: Child, children: list[Child], *, run_id: int,
-            flwr_home: Path, progress) -> str:
+def _follow(study: Study, children: list[Child], *, run_id: int, flwr_home: Path,
+            progress) -> str:
     """Echo the ServerApp's progress until the run finishes; Flower's final status of the run.
 
     `flwr log --stream` copies the ServerApp's own output (tracebacks included) into
     logs/serverapp.log, which outlives the SuperLink, and ends when Flower marks the run
     finished: that end is the signal to ask for the run's status."""
     progress_log = Follower(study.run_dir / PROGRESS_FILE)
+    services = list(children)  # the SuperLink and its proxy: both must live to the end
     deadline = time.monotonic() + study.deadline_s
     while True:
         stream = Child([executable("flwr"), "log", str(run_id), CONNECTION, "--stream"],
@@ -305,10 +316,11 @@ def _follow(study: Study, superlink: Child, children: list[Child], *, run_id: in
         while stream.running():
             for line in progress_log.lines():
                 progress(line)
-            if not superlink.running():
-                raise RunFailed(f"the SuperLink stopped during the run (exit code "
-                                f"{superlink.process.returncode}); see {superlink.log}:\n"
-                                f"{superlink.tail()}")
+            for service in services:
+                if not service.running():
+                    raise RunFailed(f"{service.name} stopped during the run "
+                                    f"(exit code {service.process.returncode}); see {service.log}:\n"
+                                    f"{service.tail()}")
             if time.monotonic() >= deadline:
                 raise RunFailed(f"run {run_id} did not finish within {study.deadline_s:.0f} s "
                                 f"(--wait-sites + rounds x federation.round_timeout); stopped it")

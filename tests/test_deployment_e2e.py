@@ -14,8 +14,13 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
+import ssl
 import subprocess
 import time
+import tomllib
+import urllib.error
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -23,7 +28,7 @@ import yaml
 from commands import MEDFED
 
 from medfed.common.dataset import load_splits, save_splits
-from medfed.common.processes import free_port
+from medfed.common.processes import FlowerCommandError, flwr_json, free_port
 from medfed.server.certs import init_certs
 
 SITES = ["hospital-a", "hospital-b", "hospital-c"]
@@ -127,11 +132,12 @@ def deployments(tmp_path_factory, federation):
         began = time.monotonic()
         yield {
             "full": {
-                "run_dir": folder / "full",
+                "run_dir": folder / "full", "port": full, "federation": federation,
+                "folder": folder,
                 "server": _server(start, federation, folder / "full", full, "--wait-sites", "180s"),
                 "clients": [_client(start, federation, site, full) for site in SITES],
                 "intruder": _client(start, federation, "intruder", full, data="hospital-a",
-                                    timeout=30),
+                                    timeout=60),
                 "wrong_ca": _client(start, federation, "hospital-a", full, name="wrong-ca",
                                     timeout=60, certs=federation / "other-certs" / "hospital-a"),
             },
@@ -170,6 +176,8 @@ def test_three_hospitals_train_over_tls_and_strangers_are_turned_away(deployment
     assert len(intruder.err.strip().splitlines()) == 1
 
     _wait_for(lambda: "2 rounds" in server.out, timeout=240, what="the first round")
+    _outsider_is_refused(d["port"], federation=d["federation"], run_dir=run_dir,
+                         folder=d["folder"])
     status = subprocess.run([MEDFED, "status", str(run_dir)], capture_output=True, text=True,
                             timeout=60)
     assert status.returncode == 0, status.stderr
@@ -220,3 +228,48 @@ def test_a_finished_study_resumes_for_more_rounds(deployments):
     assert "registered already" in resumed.out and "resuming after round 1" in resumed.out
     report = json.loads((d["run_dir"] / "report.json").read_text())
     assert [r["round"] for r in report["rounds"]] == [1, 2]
+
+
+def _outsider_is_refused(port: int, *, federation: Path, run_dir: Path, folder: Path) -> None:
+    """An outsider who holds only the public ca.crt and reaches the sites' port, with Flower's own
+    CLI: it can neither list runs or nodes, nor submit an app, nor register a node key; the
+    Control and Runtime APIs answer 403 at nginx, and the SuperLink itself is on loopback only."""
+    ca = federation / "certs" / "ca.crt"
+    home = folder / "outsider-flwr"
+    home.mkdir(exist_ok=True)
+    (home / "config.toml").write_text(
+        f'[superlink]\ndefault = "public"\n\n[superlink.public]\naddress = "localhost:{port}"\n'
+        f'root-certificates = "{ca}"\n')
+    attempts = {
+        "list runs": ["ls", "public"],
+        "list nodes": ["supernode", "ls", "public"],
+        "register a node": ["supernode", "register",
+                            str(federation / "certs" / "intruder" / "node-auth.pub"), "public"],
+        "submit an app": ["run", str(run_dir / "flower-app"), "public"],
+    }
+    for what, args in attempts.items():
+        with pytest.raises(FlowerCommandError) as refused:
+            flwr_json(args, flwr_home=home, timeout=60)
+        assert "403" in str(refused.value) or "Forbidden" in str(refused.value), (what, refused.value)
+
+    context = ssl.create_default_context(cafile=str(ca))
+    for path in ("/v1/control/list-runs", "/v1/runtime/pull-messages", "/docs", "/openapi.json"):
+        request = urllib.request.Request(f"https://localhost:{port}{path}", data=b"",
+                                         method="POST" if path.startswith("/v1") else "GET")
+        with pytest.raises(urllib.error.HTTPError) as answer:
+            urllib.request.urlopen(request, timeout=10, context=context)
+        assert answer.value.code == 403, path
+    with urllib.request.urlopen(f"https://localhost:{port}/health", timeout=10,
+                                context=context) as health:
+        assert health.status == 200
+
+    # The SuperLink's own port, which serves all three APIs, listens on loopback only.
+    link = tomllib.loads((run_dir / "flwr-home" / "config.toml").read_text())
+    host, link_port = link["superlink"]["medfed"]["address"].rsplit(":", 1)
+    assert host == "127.0.0.1" and int(link_port) != port
+    outward = [a for a in {i[4][0] for i in socket.getaddrinfo(socket.gethostname(), None,
+                                                               socket.AF_INET)}
+               if not a.startswith("127.")]
+    for address in outward:
+        with pytest.raises(OSError), socket.create_connection((address, int(link_port)), timeout=3):
+            pass
