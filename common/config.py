@@ -108,6 +108,12 @@ class FederationConfig:
     min_lr: float = 1e-6
     # Seconds the server waits for the sites' replies in one round.
     round_timeout: float = 3600.0
+    # A site's update whose distance from the global model is more than this many times the
+    # round's median is rejected (with 3 or more replies); 0 disables the check.
+    norm_factor: float = 10.0
+    # Most training examples any site may claim (once a site has declared its training-set size
+    # in an evaluation reply, it may claim no more than that).
+    max_examples: int = 10_000_000
 
 
 @dataclass
@@ -318,6 +324,9 @@ def validate(config: Config) -> Config:
     _check(0 < f.lr_factor < 1, "federation.lr_factor", f.lr_factor, "0 < value < 1")
     _check(f.min_lr >= 0, "federation.min_lr", f.min_lr, "0 or more")
     _check(f.round_timeout > 0, "federation.round_timeout", f.round_timeout, "seconds > 0")
+    _check(f.norm_factor == 0 or f.norm_factor > 1, "federation.norm_factor", f.norm_factor,
+           "0 (off) or a number > 1")
+    _check(f.max_examples >= 1, "federation.max_examples", f.max_examples, "1 or more")
     _check(s.cpus_per_site > 0, "simulation.cpus_per_site", s.cpus_per_site, "a number > 0")
     _check(s.gpus_per_site is None or s.gpus_per_site >= 0, "simulation.gpus_per_site",
            s.gpus_per_site, "null (auto) or 0 or more")

@@ -82,6 +82,7 @@ def build_report(
             "val_loss": _clean(record.val_loss),
             "global_test": record.global_test,
             "failures": record.failures,
+            "rejected": record.rejected,
             "missing": record.missing,
         })
     return {
@@ -189,14 +190,15 @@ def render_markdown(report: dict) -> str:
         total = np.sum([info["label_histogram"][s] for s in SPLITS], axis=0)
         hist = ", ".join(f"{c}: {int(n)}" for c, n in zip(classes, total))
         lines.append(f"| {site} | {info['n']['train']} | {info['n']['val']} | {info['n']['test']} | {hist} |")
-    lines += ["", "## Rounds", "", "| round | lr | mean train loss | val loss (aggregated) | global test AUC | global test accuracy |",
-              "|---|---|---|---|---|---|"]
+    lines += ["", "## Rounds", "", "| round | lr | mean train loss | val loss (aggregated) | global test AUC | global test accuracy | updates rejected |",
+              "|---|---|---|---|---|---|---|"]
     for r in report["rounds"]:
         losses = [v["loss"] for v in r["train"].values()]
         g = r["global_test"] or {}
         lines.append(
             f"| {r['round']} | {r['lr']:.2e} | {_fmt(float(np.mean(losses)) if losses else None)} | "
-            f"{_fmt(r['val_loss'])} | {_fmt(g.get('auc'))} | {_fmt(g.get('accuracy'))} |"
+            f"{_fmt(r['val_loss'])} | {_fmt(g.get('auc'))} | {_fmt(g.get('accuracy'))} | "
+            f"{len(r['rejected'])} |"
         )
     up = [sum(r["sites"].values()) for r in comm["bytes_up_per_round"] if r["sites"]]
     down = [sum(r["sites"].values()) for r in comm["bytes_down_per_round"] if r["sites"]]

@@ -1,8 +1,12 @@
 """medfed's strategy: any Flower strategy, wrapped so that
 
-* BatchNorm statistics never reach a server optimizer or robust aggregator: the wrapped
-  strategy sees parameters only, statistics are averaged by example count (no NaN from FedAdam
-  or FedYogi on running variances);
+* every training reply is checked before aggregation (server/validation.py); a rejected one is
+  recorded with its reason and the round goes on with the rest;
+* BatchNorm statistics never reach a server optimizer: the wrapped strategy sees parameters only
+  (no NaN from FedAdam or FedYogi on running variances); statistics follow the robust strategy's
+  rule (coordinate-wise median, trimmed mean) and are averaged by example count otherwise;
+* in a deployment the registry of Flower node ids names the sites: a reply's site is the one its
+  node was registered as, and nodes enrolled by anyone else are never sampled or counted;
 * per-site metrics and bytes on the wire are kept round by round (Flower keeps only aggregates);
 * the round's learning rate comes from the server's plateau schedule, and once early stopping
   fires no more sites are sampled;
@@ -30,14 +34,15 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import (
     FedAdam, FedAvg, FedMedian, FedProx, FedTrimmedAvg, FedYogi, Strategy,
 )
+from flwr.serverapp.strategy.fedtrimmedavg import trim_mean
 from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords
 
 from medfed.common.config import Config
 from medfed.common.wire import record_bytes
 from medfed.server.schedule import PlateauSchedule
+from medfed.server.validation import WEIGHT_KEY, RoundReference, declared_name, screen
 
 log = logging.getLogger("medfed")
-WEIGHT_KEY = "num-examples"
 
 
 def mean_scalar_metrics(records: list[RecordDict], weight_key: str) -> MetricRecord:
@@ -91,17 +96,57 @@ class RoundRecord:
     bytes_up: dict[str, int] = field(default_factory=dict)
     bytes_down: dict[str, int] = field(default_factory=dict)
     failures: list[str] = field(default_factory=list)
-    # Expected sites that sent no training reply this round (absent, dropped or failed).
+    # Training replies left out of the aggregate, as "site: reason".
+    rejected: list[str] = field(default_factory=list)
+    # Expected sites with no accepted training reply this round (absent, dropped, failed or rejected).
     missing: list[str] = field(default_factory=list)
     val_loss: float | None = None
     global_test: dict | None = None
 
 
-def site_name(reply: Message) -> str:
-    # An error reply has no content; it is still sorted and reported, by node.
-    if reply.has_content() and "site" in reply.content.config_records:
-        return str(reply.content["site"]["name"])
-    return f"node-{reply.metadata.src_node_id}"
+def site_name(reply: Message, registry: dict[int, str] | None = None) -> str:
+    """The site a reply comes from: with a registry (deployment) the one its node was registered
+    as, which a node cannot choose; without one (simulation) the name it gives. A node with no
+    known name (an unregistered one, or an error reply, which has no content) is named by id."""
+    node = reply.metadata.src_node_id
+    name = registry.get(node) if registry is not None else declared_name(reply)
+    return f"node-{node}" if name is None else name
+
+
+def aggregate_statistics(records: list[RecordDict], *, keys: set[str], strategy: Strategy
+                         ) -> ArrayRecord:
+    """BatchNorm statistics of the replies, by the rule of the robust strategy in use: a site
+    that could move the parameters only by a median or trimmed mean must not move the
+    statistics further by a plain average."""
+    if not isinstance(strategy, (FedMedian, FedTrimmedAvg)):
+        return aggregate_arrayrecords(
+            [RecordDict({"arrays": ArrayRecord({k: r["arrays"][k] for k in keys}),
+                         "metrics": r["metrics"]}) for r in records],
+            WEIGHT_KEY,
+        )
+    result = ArrayRecord()
+    for key in sorted(keys):
+        stacked = np.stack([r["arrays"][key].numpy() for r in records])
+        if isinstance(strategy, FedMedian):
+            result[key] = Array(np.asarray(np.median(stacked, axis=0)))
+        else:
+            result[key] = Array(np.asarray(trim_mean(stacked, strategy.beta)))
+    return result
+
+
+class RegisteredNodes:
+    """The grid as the wrapped strategy sees it: only registered nodes exist, so Flower's own
+    sampling never picks, nor waits for, a node that someone else enrolled."""
+
+    def __init__(self, grid: Grid, registry: dict[int, str]) -> None:
+        self._grid = grid
+        self._registry = registry
+
+    def get_node_ids(self) -> list[int]:
+        return [node for node in self._grid.get_node_ids() if node in self._registry]
+
+    def __getattr__(self, name: str):
+        return getattr(self._grid, name)
 
 
 class MedfedStrategy(Strategy):
@@ -115,6 +160,9 @@ class MedfedStrategy(Strategy):
         expected_sites: list[str],
         min_sites: int,
         wait_s: float,
+        norm_factor: float,
+        max_examples: int,
+        registry: dict[int, str] | None = None,
         on_event: Callable[[str, RoundRecord], None] = lambda event, record: None,
     ) -> None:
         self.inner = inner
@@ -124,12 +172,16 @@ class MedfedStrategy(Strategy):
         self.expected_sites = expected_sites
         self.min_sites = min_sites
         self.wait_s = wait_s
+        self.norm_factor = norm_factor
+        self.max_examples = max_examples
+        self.registry = registry
         self.round_offset = 0
         self.on_event = on_event
         self.rounds: dict[int, RoundRecord] = {}
         self.best_arrays: ArrayRecord | None = None
         self._sent: dict[int, int] = {}  # node id -> bytes sent to it this round
         self._dtypes: dict[str, np.dtype] = {}
+        self._global: dict[str, np.ndarray] = {}  # the arrays sent for this round's training
         self._evaluated: ArrayRecord | None = None
 
     def summary(self) -> None:
@@ -151,9 +203,28 @@ class MedfedStrategy(Strategy):
             self._sent[node] = self._sent.get(node, 0) + size
         return messages
 
+    def _sorted(self, replies: Iterable[Message]) -> list[Message]:
+        # Replies arrive in whatever order the sites finish; a fixed order makes the floating-point
+        # sums, and so the whole run, reproducible for a given seed.
+        return sorted(replies, key=lambda r: (site_name(r, self.registry), r.metadata.src_node_id))
+
+    def _grid(self, grid: Grid) -> Grid:
+        return grid if self.registry is None else RegisteredNodes(grid, self.registry)
+
+    def _declared_examples(self) -> dict[str, int]:
+        """Training examples each site declared with its latest evaluation (the sum of its
+        train-split label histogram), the bound on the `num-examples` it may claim."""
+        declared = {}
+        for number in sorted(self.rounds):
+            for site, metrics in self.rounds[number].evaluate.items():
+                histogram = metrics.get("train-histogram")
+                if isinstance(histogram, list) and all(isinstance(v, int) for v in histogram):
+                    declared[site] = sum(histogram)
+        return declared
+
     def _available(self, grid: Grid) -> None:
         """Ask the wrapped strategy for no more sites than are connected now (never below
-        `min_sites`; waiting at most `wait_s` for them)."""
+        `min_sites`; waiting at most `wait_s` for them). `grid` shows registered nodes only."""
         deadline = time.monotonic() + self.wait_s
         while (connected := len(list(grid.get_node_ids()))) < self.min_sites:
             if time.monotonic() > deadline:
@@ -172,9 +243,11 @@ class MedfedStrategy(Strategy):
         server_round += self.round_offset
         if self.schedule.stopped:
             return []
+        grid = self._grid(grid)
         self._available(grid)
+        self._global = {k: a.numpy() for k, a in arrays.items()}
         if not self._dtypes:
-            self._dtypes = {k: a.numpy().dtype for k, a in arrays.items()}
+            self._dtypes = {k: v.dtype for k, v in self._global.items()}
         self._sent = {}
         self.record(server_round)
         parameters = ArrayRecord({k: a for k, a in arrays.items() if k not in self.statistic_keys})
@@ -186,35 +259,38 @@ class MedfedStrategy(Strategy):
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]
                         ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        # Replies arrive in whatever order the sites finish; a fixed order makes the floating-point
-        # sums, and so the whole run, reproducible for a given seed.
         server_round += self.round_offset
-        replies = sorted(replies, key=site_name)
+        replies = self._sorted(replies)
         if server_round not in self.rounds:
             return None, None  # a round skipped after early stopping
         record = self.record(server_round)
-        valid = [r for r in replies if not r.has_error()]
-        answered = {site_name(r) for r in valid}
-        record.missing = [s for s in self.expected_sites if s not in answered]
         for reply in replies:
             if reply.has_error():
-                record.failures.append(f"node-{reply.metadata.src_node_id}: {reply.error.reason}")
-        for reply in valid:
-            name = site_name(reply)
+                record.failures.append(f"{site_name(reply, self.registry)}: {reply.error.reason}")
+        accepted, rejections = screen(
+            [(site_name(r, self.registry), r) for r in replies if not r.has_error()],
+            RoundReference(arrays=self._global, sites=self.expected_sites,
+                           max_examples=self.max_examples, norm_factor=self.norm_factor,
+                           declared=self._declared_examples(), registry=self.registry),
+        )
+        for rejection in rejections:
+            log.warning("round %d: update rejected: %s", server_round, rejection)
+        record.rejected = [str(rejection) for rejection in rejections]
+        answered = {name for name, _ in accepted}
+        record.missing = [s for s in self.expected_sites if s not in answered]
+        for name, reply in accepted:
             metrics = reply.content["metrics"]
             record.train[name] = {"loss": float(metrics["train-loss"]), "n": int(metrics[WEIGHT_KEY])}
             record.bytes_up[name] = record_bytes(reply.content["arrays"])
             record.bytes_down[name] = self._sent.get(reply.metadata.src_node_id, 0)
         self.on_event("train", record)
+        valid = [reply for _, reply in accepted]
         if not valid:
             return None, None
         statistics = None
         if self.statistic_keys:
-            statistics = aggregate_arrayrecords(
-                [RecordDict({"arrays": ArrayRecord({k: r.content["arrays"][k] for k in self.statistic_keys}),
-                             "metrics": r.content["metrics"]}) for r in valid],
-                WEIGHT_KEY,
-            )
+            statistics = aggregate_statistics([r.content for r in valid], keys=self.statistic_keys,
+                                              strategy=self.inner)
             for reply in valid:
                 reply.content["arrays"] = ArrayRecord(
                     {k: a for k, a in reply.content["arrays"].items() if k not in self.statistic_keys}
@@ -234,6 +310,7 @@ class MedfedStrategy(Strategy):
         server_round += self.round_offset
         if self.schedule.stopped:
             return []
+        grid = self._grid(grid)
         self._available(grid)
         self._evaluated = arrays
         return self._evaluation_messages(server_round, arrays, config, grid)
@@ -247,16 +324,16 @@ class MedfedStrategy(Strategy):
     def collect_evaluation(self, replies: Iterable[Message], record: RoundRecord) -> None:
         for reply in replies:
             if reply.has_error():
-                record.failures.append(f"node-{reply.metadata.src_node_id}: {reply.error.reason}")
+                record.failures.append(f"{site_name(reply, self.registry)}: {reply.error.reason}")
                 continue
-            name = site_name(reply)
+            name = site_name(reply, self.registry)
             record.evaluate[name] = dict(reply.content["metrics"].items())
             record.bytes_down[name] = record.bytes_down.get(name, 0) + self._sent.get(
                 reply.metadata.src_node_id, 0)
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
         server_round += self.round_offset
-        replies = sorted(replies, key=site_name)
+        replies = self._sorted(replies)
         if server_round not in self.rounds:
             return None
         record = self.record(server_round)
@@ -272,6 +349,7 @@ class MedfedStrategy(Strategy):
     def evaluate_final(self, grid: Grid, arrays: ArrayRecord, *, timeout: float) -> RoundRecord:
         """Every site evaluates the chosen global model on its own splits."""
         record = RoundRecord(round=self.schedule.best_round, lr=self.schedule.lr)
+        grid = self._grid(grid)
         self._available(grid)
         messages = self._evaluation_messages(0, arrays, ConfigRecord(), grid)
         self.collect_evaluation(grid.send_and_receive(messages, timeout=timeout), record)

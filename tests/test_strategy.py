@@ -36,7 +36,7 @@ def small_model(bn="avg"):
     return config, build_model(config.model, num_classes=2, seed=0)
 
 
-def make_strategy(name: str, *, bn="avg", sites=3, min_sites=1, wait_s=0.0):
+def make_strategy(name: str, *, bn="avg", sites=3, min_sites=1, wait_s=0.0, registry=None):
     config, model = small_model(bn)
     config.federation.strategy = name
     keys = wire.exchanged_keys(model, bn=bn)
@@ -46,6 +46,8 @@ def make_strategy(name: str, *, bn="avg", sites=3, min_sites=1, wait_s=0.0):
         schedule=PlateauSchedule(lr=config.train.lr, federation=config.federation),
         round_config={"medfed-config": config.to_json(), "num-classes": 2},
         expected_sites=[f"site-{i}" for i in range(sites)], min_sites=min_sites, wait_s=wait_s,
+        norm_factor=config.federation.norm_factor, max_examples=config.federation.max_examples,
+        registry=registry,
     )
     return strategy, model, keys
 
@@ -104,8 +106,12 @@ def test_aggregation_keeps_statistics_out_of_server_optimizers(name):
         assert np.isfinite(value).all(), key
         assert value.dtype == initial[key].numpy().dtype
     for key in wire.statistic_keys(keys):
-        expected = np.average([a[key].numpy() for a in sent], axis=0, weights=sizes)
-        np.testing.assert_allclose(arrays[key].numpy(), expected, rtol=1e-5, err_msg=key)
+        stacked = np.stack([a[key].numpy() for a in sent])
+        # Statistics follow the robust strategy's rule; 4 replies with trim 0.2 cut none.
+        expected = {"fedmedian": np.median(stacked, axis=0),
+                    "fedtrimmedavg": stacked.mean(axis=0)}.get(
+            name, np.average(stacked, axis=0, weights=sizes))
+        np.testing.assert_allclose(arrays[key].numpy(), expected, rtol=1e-5, atol=1e-6, err_msg=key)
         if key.endswith("running_var"):
             assert (arrays[key].numpy() > 0).all()
     # Parameters did go through the wrapped strategy (they moved away from the initial values).
@@ -118,13 +124,13 @@ def test_per_site_metrics_and_bytes_are_kept():
     initial = wire.to_record(model, keys)
     messages = list(strategy.configure_train(1, initial, ConfigRecord(), MockGrid([5, 6])))
     replies = [reply_to(m, arrays=initial, n=n, site=s, loss=l)
-               for m, n, s, l in zip(messages, [10, 20], ["a", "b"], [0.25, 0.75])]
+               for m, n, s, l in zip(messages, [10, 20], ["site-0", "site-1"], [0.25, 0.75])]
     strategy.aggregate_train(1, replies)
     record = strategy.rounds[1]
-    assert record.train == {"a": {"loss": 0.25, "n": 10}, "b": {"loss": 0.75, "n": 20}}
+    assert record.train == {"site-0": {"loss": 0.25, "n": 10}, "site-1": {"loss": 0.75, "n": 20}}
     payload = wire.record_bytes(initial)
-    assert record.bytes_up == {"a": payload, "b": payload}
-    assert record.bytes_down == {"a": payload, "b": payload}
+    assert record.bytes_up == {"site-0": payload, "site-1": payload}
+    assert record.bytes_down == {"site-0": payload, "site-1": payload}
     # Bytes are what the arrays serialise to: at least 4 bytes per float32 value.
     assert payload >= 4 * sum(a.numpy().size for a in initial.values())
 

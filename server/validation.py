@@ -1,0 +1,182 @@
+"""What a site's training reply must be before it may touch the global model.
+
+A reply is held against the round it answers: the global arrays the server sent (their keys, shapes
+and dtypes), the study's sites, the training examples each site declared earlier, and — in a
+deployment — the registry of which Flower node is which hospital. A reply that fails any check is
+rejected with the site and a one-line reason, and the round goes on with the rest: one broken or
+hostile site must neither end the run nor steer the aggregate.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import Counter
+from collections.abc import Collection, Mapping, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+from flwr.app import ArrayRecord, Message, RecordDict
+
+WEIGHT_KEY = "num-examples"
+LOSS_KEY = "train-loss"
+TRAIN_METRICS = frozenset({WEIGHT_KEY, LOSS_KEY})
+# Names a reply may list in one line: a rejection reason stays readable whatever the site sent.
+SHOWN = 3
+
+
+@dataclass(frozen=True, kw_only=True)
+class RoundReference:
+    """What one round's training replies are held against."""
+
+    arrays: Mapping[str, np.ndarray]  # the global arrays sent this round
+    sites: Collection[str]  # the study's sites, by name
+    max_examples: int  # federation.max_examples: the cap on any site's num-examples
+    norm_factor: float  # federation.norm_factor
+    declared: Mapping[str, int] = field(default_factory=dict)  # training examples declared earlier
+    registry: Mapping[int, str] | None = None  # Flower node id -> registered site (deployment)
+
+
+@dataclass(frozen=True)
+class Rejection:
+    site: str
+    reason: str
+
+    def __str__(self) -> str:
+        return f"{self.site}: {self.reason}"
+
+
+def declared_name(reply: Message) -> str | None:
+    """The site name a reply gives for itself, if it gives one."""
+    if reply.has_content() and "site" in reply.content.config_records:
+        name = reply.content.config_records["site"].get("name")
+        return None if name is None else str(name)
+    return None
+
+
+def screen(replies: Sequence[tuple[str, Message]], reference: RoundReference
+           ) -> tuple[list[tuple[str, Message]], list[Rejection]]:
+    """Split a round's (site name, reply) pairs, error replies left out by the caller, into those
+    fit to aggregate and the rejections."""
+    counts = Counter(name for name, _ in replies)
+    kept, rejected = [], []
+    for name, reply in replies:
+        reason = (
+            identity_problem(name, reply, reference)
+            # Two replies under one name cannot both be genuine and neither can be told apart:
+            # keeping one would let whoever answers first speak for the hospital.
+            or (f"{counts[name]} replies under this name this round; all rejected"
+                if counts[name] > 1 else None)
+            or content_problem(reply.content, reference, declared=reference.declared.get(name))
+        )
+        if reason:
+            rejected.append(Rejection(name, reason))
+        else:
+            kept.append((name, reply))
+    outliers = norm_outliers(
+        {name: update_norm(reply.content["arrays"], reference.arrays) for name, reply in kept},
+        factor=reference.norm_factor,
+    )
+    rejected += [Rejection(name, outliers[name]) for name, _ in kept if name in outliers]
+    return [(name, reply) for name, reply in kept if name not in outliers], rejected
+
+
+def identity_problem(name: str, reply: Message, reference: RoundReference) -> str | None:
+    node = reply.metadata.src_node_id
+    if reference.registry is not None:
+        if node not in reference.registry:
+            return "not a registered node"
+        claimed = declared_name(reply)
+        if claimed != reference.registry[node]:
+            said = "gives no site name" if claimed is None else f"calls itself {claimed!r}"
+            return f"{said}, but node {node} is registered as {reference.registry[node]!r}"
+    if name not in reference.sites:
+        return f"{name!r} is not a site of this study"
+    return None
+
+
+def content_problem(content: RecordDict, reference: RoundReference, *,
+                    declared: int | None) -> str | None:
+    """What is wrong with a reply's records, metrics and arrays, if anything."""
+    if set(content.array_records) != {"arrays"} or set(content.metric_records) != {"metrics"}:
+        return (f"expected one ArrayRecord 'arrays' and one MetricRecord 'metrics', got "
+                f"{_names(content.array_records)} and {_names(content.metric_records)}")
+    metrics = content.metric_records["metrics"]
+    if problem := key_problem("metrics", got=set(metrics), expected=TRAIN_METRICS):
+        return problem
+    loss = metrics[LOSS_KEY]
+    if isinstance(loss, list) or not math.isfinite(loss):
+        return f"{LOSS_KEY} is {loss!r}, not a finite number"
+    if problem := examples_problem(metrics[WEIGHT_KEY], declared=declared, cap=reference.max_examples):
+        return problem
+    arrays = content.array_records["arrays"]
+    if problem := key_problem("arrays", got=set(arrays), expected=set(reference.arrays)):
+        return problem
+    for key, expected in reference.arrays.items():
+        # The bytes come from outside: whatever makes them undecodable rejects the reply, not the run.
+        try:
+            value = arrays[key].numpy()
+        except Exception as exc:
+            return f"array '{key}' cannot be decoded ({type(exc).__name__})"
+        if not isinstance(value, np.ndarray):
+            return f"array '{key}' is not a numpy array"
+        if value.dtype != expected.dtype:
+            return f"array '{key}' has dtype {value.dtype}, expected {expected.dtype}"
+        if value.shape != expected.shape:
+            return f"array '{key}' has shape {value.shape}, expected {expected.shape}"
+        if not np.isfinite(value).all():
+            return f"array '{key}' holds {'NaN' if np.isnan(value).any() else 'Inf'}"
+    return None
+
+
+def key_problem(what: str, *, got: set[str], expected: Collection[str]) -> str | None:
+    missing, extra = set(expected) - got, got - set(expected)
+    parts = ([f"missing {what} {_names(missing)}"] if missing else []) + (
+        [f"unexpected {what} {_names(extra)}"] if extra else [])
+    return "; ".join(parts) or None
+
+
+def examples_problem(value, *, declared: int | None, cap: int) -> str | None:
+    """`num-examples` weighs a site in the average: it must be a plausible count, at most what the
+    site declared earlier (`declared`, when known) and at most `cap`."""
+    if isinstance(value, list) or not math.isfinite(value):
+        return f"{WEIGHT_KEY} is {value!r}, not a finite number"
+    if value != int(value):
+        return f"{WEIGHT_KEY} is {value!r}, not a whole number"
+    if value <= 0:
+        return f"{WEIGHT_KEY} is {value!r}, not positive"
+    if declared is not None and value > declared:
+        return f"{WEIGHT_KEY} is {value!r}, more than the {declared} training examples it declared"
+    if value > cap:
+        return f"{WEIGHT_KEY} is {value!r}, more than federation.max_examples={cap}"
+    return None
+
+
+def update_norm(arrays: ArrayRecord, reference: Mapping[str, np.ndarray]) -> float:
+    """L2 norm of (update − global) over every exchanged array."""
+    return math.sqrt(sum(
+        float(np.sum((arrays[key].numpy().astype(np.float64) - value) ** 2))
+        for key, value in reference.items()
+    ))
+
+
+def norm_outliers(norms: Mapping[str, float], *, factor: float) -> dict[str, str]:
+    """Sites whose update norm is more than `factor` × the round's median (0: off).
+
+    Only too large an update is refused: a small one pulls the aggregate towards the global model,
+    which bounds its harm. Below three replies there is no majority for the median to speak for;
+    with a median of 0 (most sites did not move) there is no scale to compare against."""
+    if factor <= 0 or len(norms) < 3:
+        return {}
+    median = float(np.median(list(norms.values())))
+    if median == 0:
+        return {}
+    return {
+        site: f"update norm {norm:.3g} is more than {factor:g} x the round's median {median:.3g}"
+        for site, norm in norms.items() if norm > factor * median
+    }
+
+
+def _names(items: Collection[str]) -> str:
+    names = sorted(map(str, items))
+    more = f" and {len(names) - SHOWN} more" if len(names) > SHOWN else ""
+    return (", ".join(repr(n) for n in names[:SHOWN]) or "none") + more
