@@ -4,6 +4,7 @@ model at every site and on the global test split, and writes the checkpoint and 
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -25,7 +26,9 @@ from medfed.common.transforms import build_transform
 from medfed.server.report import build_report, write_report
 from medfed.server.schedule import PlateauSchedule
 from medfed.server.checkpoint import CHECKPOINT, load_checkpoint, save_checkpoint
-from medfed.server.strategy import MedfedStrategy, RoundRecord, make_flower_strategy, site_name
+from medfed.server.strategy import (
+    MedfedStrategy, RegisteredNodes, RoundRecord, make_flower_strategy, site_name,
+)
 
 
 def run_server(
@@ -42,6 +45,7 @@ def run_server(
     site_config: dict | None = None,
     resume: bool = False,
     roll_call: bool = False,
+    registry: dict[int, str] | None = None,
     progress: Callable[[str], None] = print,
 ) -> dict:
     """Run the whole federation and write its outputs into `run_dir`; return the report.
@@ -49,7 +53,8 @@ def run_server(
     With `roll_call` (real sites) it first waits up to `wait_s` for the expected sites and goes on
     with those present when at least `min_sites` (default: all) joined; a simulation's virtual
     sites exist by construction. A checkpoint is written after every round; `resume` continues
-    from the checkpoint in `run_dir`."""
+    from the checkpoint in `run_dir`. `registry` (deployment: Flower node id -> the site registered
+    with that key) names the sites; nodes outside it are neither asked nor counted."""
     started = time.perf_counter()
     min_sites = len(expected_sites) if min_sites is None else min_sites
     num_classes = len(dataset["classes"])
@@ -76,6 +81,9 @@ def run_server(
         expected_sites=expected_sites,
         min_sites=min_sites,
         wait_s=wait_s,
+        registry=registry,
+        norm_factor=config.federation.norm_factor,
+        max_examples=config.federation.max_examples,
         on_event=lambda event, record: _report_progress(event, record, progress, config),
     )
     arrays, done = initial, 0
@@ -109,7 +117,7 @@ def run_server(
     present = expected_sites
     if roll_call:
         present = wait_for_sites(grid, expected=expected_sites, min_sites=min_sites, wait_s=wait_s,
-                                 round_config=round_config, progress=progress)
+                                 round_config=round_config, registry=registry, progress=progress)
     progress(f"{len(present)} sites, {config.federation.rounds} rounds of {config.federation.strategy}; "
              f"{trainable:,} of {total:,} parameters trainable "
              f"({wire.record_bytes(initial) / 1e6:.2f} MB per payload)")
@@ -148,13 +156,18 @@ def run_server(
 
 
 def wait_for_sites(grid: Grid, *, expected: list[str], min_sites: int, wait_s: float,
-                   round_config: dict, progress: Callable[[str], None]) -> list[str]:
+                   round_config: dict, registry: dict[int, str] | None,
+                   progress: Callable[[str], None]) -> list[str]:
     """Wait (bounded) for the expected sites; the names of those present, or an error naming
-    the missing ones when fewer than `min_sites` came."""
+    the missing ones when fewer than `min_sites` came. With a registry only registered nodes
+    are asked and counted, under their registered names."""
+    if registry is not None:
+        grid = RegisteredNodes(grid, registry)
     deadline = time.monotonic() + wait_s
     while len(list(grid.get_node_ids())) < len(expected) and time.monotonic() < deadline:
         time.sleep(1.0)
-    present = sorted(_site_names(grid, round_config=round_config).values())
+    present = sorted(s for s in _site_names(grid, round_config=round_config, registry=registry).values()
+                     if s in expected)
     missing = [s for s in expected if s not in present]
     if len(present) < min_sites:
         raise MedfedError(
@@ -167,7 +180,8 @@ def wait_for_sites(grid: Grid, *, expected: list[str], min_sites: int, wait_s: f
     return present
 
 
-def _site_names(grid: Grid, *, round_config: dict) -> dict[int, str]:
+def _site_names(grid: Grid, *, round_config: dict,
+                registry: dict[int, str] | None) -> dict[int, str]:
     """Ask every connected node which site it is (its answer comes from its own node config)."""
     messages = [
         Message(content=RecordDict({"config": ConfigRecord(round_config)}),
@@ -175,7 +189,7 @@ def _site_names(grid: Grid, *, round_config: dict) -> dict[int, str]:
         for node in grid.get_node_ids()
     ]
     replies = grid.send_and_receive(messages, timeout=60.0)
-    return {r.metadata.src_node_id: site_name(r) for r in replies if not r.has_error()}
+    return {r.metadata.src_node_id: site_name(r, registry) for r in replies if not r.has_error()}
 
 
 def _num(value) -> str:
@@ -189,6 +203,8 @@ def _report_progress(event: str, record: RoundRecord, progress, config: Config) 
                  f"train loss {sites}")
         for failure in record.failures:
             progress(f"round {record.round:>3} | site failed: {failure}")
+        for rejection in record.rejected:
+            progress(f"round {record.round:>3} | update rejected: {rejection}")
     else:
         progress(f"round {record.round:>3} | aggregated val loss {record.val_loss:.4f}")
 
@@ -207,6 +223,7 @@ def make_server_app(**settings) -> ServerApp:
 # What the deployed ServerApp leaves for `medfed server start` (server/superlink.py) to show.
 PROGRESS_FILE = "progress.log"
 ERROR_FILE = "error.txt"
+NODES_FILE = "nodes.json"       # site name -> the Flower node id its key was registered as
 app = ServerApp()
 
 
@@ -214,7 +231,9 @@ app = ServerApp()
 def deployed(grid: Grid, context: Context) -> None:
     """The ServerApp that `medfed server start` runs on a SuperLink. Its settings arrive in
     Flower's run config: `config-path` (the study's resolved YAML), `run-dir`, `expected-sites`
-    (comma-separated), `min-sites`, `wait-sites-s` and `resume`."""
+    (comma-separated), `min-sites`, `wait-sites-s`, `resume` and `registered` (the sites' keys
+    are registered, their node ids in the run directory's nodes.json; false only with
+    --insecure)."""
     settings = context.run_config
     run_dir = Path(str(settings["run-dir"]))
     log_file = run_dir / PROGRESS_FILE
@@ -228,11 +247,15 @@ def deployed(grid: Grid, context: Context) -> None:
         config = validate(load_yaml(str(settings["config-path"])))
         classes = study_classes(config)
         expected = [s for s in str(settings["expected-sites"]).split(",") if s]
+        registry = None
+        if settings["registered"]:
+            nodes = json.loads((run_dir / NODES_FILE).read_text())
+            registry = {int(node): site for site, node in nodes.items()}
         run_server(grid, config=config, run_dir=run_dir,
                    dataset={"name": run_dir.name, "classes": classes},
                    expected_sites=expected, min_sites=int(settings["min-sites"]),
                    wait_s=float(settings["wait-sites-s"]), resume=bool(settings["resume"]),
-                   roll_call=True, progress=progress)
+                   roll_call=True, registry=registry, progress=progress)
     except Exception as exc:
         # The launcher shows this file: the user sees why the run stopped, not a remote traceback.
         (run_dir / ERROR_FILE).write_text(f"{exc if isinstance(exc, MedfedError) else repr(exc)}\n")

@@ -35,14 +35,13 @@ from medfed.common.processes import (
     Child, FlowerCommandError, Follower, check_port_free, check_tls_folder, executable, flower_env,
     flwr_json, free_port, shielded, tail,
 )
-from medfed.server.app import ERROR_FILE, PROGRESS_FILE
+from medfed.server.app import ERROR_FILE, NODES_FILE, PROGRESS_FILE
 from medfed.server.certs import CA_CERT, SERVER_CERT, SERVER_KEY, read_sites
 from medfed.server.proxy import nginx_executable, start_proxy
 
 CONNECTION = "medfed"
 CONFIG_FILE = "config.yaml"
 REPORT_FILE = "report.json"
-NODES_FILE = "nodes.json"       # site name -> Flower node id
 HEALTH_TIMEOUT_S = 60.0
 STOP_GRACE_S = 15.0
 POLL_S = 2.0
@@ -179,7 +178,7 @@ def serve(study: Study, *, progress=print) -> dict:
         _write_connection(study, flwr_home, port=link_port)
         if study.certs is not None:
             _register_sites(study, flwr_home, progress=progress)
-        app_dir = _write_app(study)
+        app_dir = write_app(study)
         run_id = int(flwr_json(["run", str(app_dir), CONNECTION], flwr_home=flwr_home,
                                timeout=120)["run-id"])
         progress(f"run {run_id} started; waiting up to {study.wait_s:.0f} s for the "
@@ -272,7 +271,7 @@ def _register_sites(study: Study, flwr_home: Path, *, progress) -> None:
     write_json(nodes_file, nodes)
 
 
-def _write_app(study: Study) -> Path:
+def write_app(study: Study) -> Path:
     """The Flower app `flwr run` bundles: components and run config only."""
     app_dir = study.run_dir / "flower-app"
     app_dir.mkdir(exist_ok=True)
@@ -291,6 +290,7 @@ def _write_app(study: Study) -> Path:
                 "min-sites": study.min_sites,
                 "wait-sites-s": float(study.wait_s),
                 "expected-sites": ",".join(study.sites),
+                "registered": study.certs is not None,
             },
         }}},
     }
