@@ -5,15 +5,20 @@ connects to the SuperLink over TLS, authenticated by the site's key pair from
 `medfed certs init`, and tells the medfed ClientApp where the data is through
 `--node-config 'site=... data-path=...'`. Connecting is bounded: a wrong address, a certificate
 that does not verify or a key the SuperLink does not know ends in one error line, not a hang.
+Every message runs through client/app_guard.py, which refuses any run whose app is not medfed's.
 """
 
 from __future__ import annotations
 
 import re
+import shutil
+import sys
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from medfed.client.app_guard import REFUSED as FOREIGN_APP
 from medfed.client.data_check import check
 from medfed.common.dataset import SPLITS, load_splits
 from medfed.common.errors import MedfedError
@@ -107,15 +112,33 @@ def supernode_command(site: Site, *, runtime_port: int) -> list[str]:
                       "--auth-supernode-private-key", str(site.certs / NODE_KEY)]
 
 
+def guarded_env(folder: Path) -> dict[str, str]:
+    """Flower's environment with `flwr-clientapp` resolving to medfed's guard (Flower's SuperExec
+    starts that program by name, through PATH, for every message)."""
+    guard = folder / "flwr-clientapp"
+    guard.write_text(f'#!/bin/sh\nexec "{sys.executable}" -m medfed.client.app_guard "$@"\n')
+    guard.chmod(0o755)
+    env = flower_env()
+    env["PATH"] = f"{folder}:{env['PATH']}"
+    return env
+
+
 def run(site: Site, *, progress=print) -> None:
     """Start the SuperNode and stay with it until Ctrl-C (KeyboardInterrupt) or until it stops;
     the SuperNode is stopped on every way out."""
+    guard = Path(tempfile.mkdtemp(prefix="medfed-guard-"))
+    try:
+        _supervise(site, env=guarded_env(guard), progress=progress)
+    finally:
+        shutil.rmtree(guard, ignore_errors=True)
+
+
+def _supervise(site: Site, *, env: dict[str, str], progress) -> None:
     deadline = time.monotonic() + site.connect_timeout
     refused = False
     while True:
         log = Follower(site.log)
-        node = Child(supernode_command(site, runtime_port=free_port()), log=site.log,
-                     env=flower_env())
+        node = Child(supernode_command(site, runtime_port=free_port()), log=site.log, env=env)
         try:
             node_id = _wait_connected(site, node, log, deadline=deadline, refused_before=refused)
             if node_id is None:
@@ -133,6 +156,8 @@ def run(site: Site, *, progress=print) -> None:
                 for line in log.lines():
                     if match := RECEIVED.search(line):
                         progress(f"{time.strftime('%H:%M:%S')} {match.group(1)} request from the server")
+                    elif FOREIGN_APP in line:
+                        progress(f"{time.strftime('%H:%M:%S')} {line[line.index(FOREIGN_APP):]}")
                 time.sleep(POLL_S)
             text = node.tail(40)
             if DROPPED in text:
