@@ -2,12 +2,20 @@
 engine or a cluster: the YAML parses, every command line is one the CLI accepts, each site gets
 only its own key and data, and the network rules leave a site one way out (the server's port).
 The Helm chart is rendered by the small template evaluator below, which knows exactly the Go
-template constructs the chart uses and refuses any other."""
+template constructs the chart uses and refuses any other. The nginx config that `medfed server
+start` puts in front of the SuperLink (server/proxy.py) is read as a tree and, where nginx is
+installed, checked by nginx itself and started once against a stand-in SuperLink."""
 
 from __future__ import annotations
 
+import http.client
+import http.server
 import json
 import re
+import ssl
+import subprocess
+import threading
+import time
 import tomllib
 from pathlib import Path, PurePosixPath
 
@@ -15,10 +23,15 @@ import click
 import pytest
 import typer
 import yaml
+from cryptography import x509
 from typer.testing import CliRunner
 
 from medfed.cli.main import app
 from medfed.common.config import load_yaml, study_classes, validate
+from medfed.common.errors import MedfedError
+from medfed.common.processes import free_port
+from medfed.server import proxy
+from medfed.server.certs import CA_CERT, SERVER_CERT, SERVER_KEY, init_certs
 
 ROOT = Path(__file__).resolve().parents[1]
 DEPLOY = ROOT / "deploy"
@@ -283,6 +296,25 @@ def test_dockerfile_copies_the_package_and_nothing_else():
     assert {p[1:].rstrip("/") for p in patterns if p.startswith("!")} == copied
 
 
+def test_dockerfile_installs_nginx_for_the_server_role():
+    """`medfed server start` runs nginx in front of the SuperLink (server/proxy.py), in the same
+    container: Debian's package, installed by root before USER, without recommends or apt lists."""
+    instructions = dockerfile()
+    runs = [(i, args) for i, (name, args) in enumerate(instructions)
+            if name == "RUN" and "nginx" in args]
+    assert len(runs) == 1, runs
+    index, run = runs[0]
+    steps = [step.strip() for step in run.split("&&")]
+    installs = [i for i, step in enumerate(steps) if re.search(r"\bapt-get install\b", step)]
+    assert len(installs) == 1, steps
+    install = steps[installs[0]].split()
+    assert "nginx-light" in install and "--no-install-recommends" in install and "-y" in install
+    assert any(step.startswith("apt-get update") for step in steps[:installs[0]]), steps
+    assert "rm -rf /var/lib/apt/lists/*" in steps[installs[0] + 1:], steps
+    users = [i for i, (name, _) in enumerate(instructions) if name == "USER"]
+    assert index < users[0], "apt-get needs root: install nginx before USER"
+
+
 def test_dockerfile_torch_pins_are_pyproject_s():
     dependencies = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
     pins = {d for d in dependencies if d.startswith(("torch==", "torchvision=="))}
@@ -425,8 +457,12 @@ def test_chart_server_role(values):
     params = accepted(container["args"])
     assert params["port"] == SERVER_PORT == container["ports"][0]["containerPort"]
     assert (params["resume"] is not None) == resume
-    assert kinds["Service"]["spec"]["ports"][0]["port"] == SERVER_PORT
+    # One port, nginx's, and the Service exposes nothing else; the SuperLink is on loopback.
+    (port,) = container["ports"]
+    (service_port,) = kinds["Service"]["spec"]["ports"]
+    assert service_port["port"] == SERVER_PORT and service_port["targetPort"] == port["name"]
     assert container["readinessProbe"]["httpGet"]["path"] == "/health"
+    assert container["readinessProbe"]["httpGet"]["port"] == port["name"]
     secret = next(v["secret"] for v in spec["volumes"] if "secret" in v)
     assert {i["path"] for i in secret["items"]} == SERVER_KEYS | {f"{s}/node-auth.pub" for s in SITES}
     claim = next(v["persistentVolumeClaim"]["claimName"] for v in spec["volumes"]
@@ -501,6 +537,11 @@ def test_chart_server_network_policy_admits_only_the_server_port():
         assert rule["ports"] == [{"protocol": "TCP", "port": SERVER_PORT}]
         sources = rule.get("from", [])
         assert [s["ipBlock"]["cidr"] for s in sources if "ipBlock" in s] == cidrs
+        # In this namespace, with allowedCIDRs set: the medfed site pods (a pilot) and no others.
+        pods = [s["podSelector"] for s in sources if "podSelector" in s]
+        assert pods == ([{"matchLabels": {"app.kubernetes.io/name": "medfed",
+                                          "app.kubernetes.io/component": "site"}}] if cidrs else [])
+        assert all(set(s) in ({"ipBlock"}, {"podSelector"}) for s in sources), sources
 
 
 def test_chart_refuses_to_render_without_the_required_values():
@@ -508,3 +549,238 @@ def test_chart_refuses_to_render_without_the_required_values():
         render_chart({"role": "server"})
     with pytest.raises(ValueError, match="site.name"):
         render_chart({"role": "site"})
+
+
+# --- nginx in front of the SuperLink (server/proxy.py) ----------------------------------------
+
+try:
+    NGINX: str | None = proxy.nginx_executable()
+except MedfedError:
+    NGINX = None
+needs_nginx = pytest.mark.skipif(NGINX is None, reason="nginx is not installed here (Debian: "
+                                                       "apt-get install nginx-light; .ci/run does)")
+UPSTREAM_PORT = 41093
+
+
+def proxy_config(tmp_path: Path, *, tls: bool, port: int = SERVER_PORT,
+                 upstream_port: int = UPSTREAM_PORT) -> tuple[Path, Path | None, str]:
+    """The run directory's proxy/ folder with nginx.conf as `medfed server start` writes it (real
+    certificates from `init_certs`, or none as for --insecure); (folder, certs, text)."""
+    certs = None
+    if tls:
+        certs = tmp_path / "certs"
+        init_certs(certs, server_host="fl.example.org", sites=["hospital-a"])
+    folder = tmp_path / "run" / "proxy"
+    folder.mkdir(parents=True)
+    text = proxy.nginx_config(folder=folder, host="0.0.0.0", port=port,
+                              upstream_port=upstream_port, certs=certs)
+    (folder / "nginx.conf").write_text(text)
+    return folder, certs, text
+
+
+def parse_nginx(text: str) -> list[tuple[str, list[str], list | None]]:
+    """nginx.conf as a tree of (directive, arguments, block or None). Quoting and variables are
+    not handled: the config is refused if it has any."""
+    body = re.sub(r"#[^\n]*", "", text)
+    assert not re.search(r"[\"'$]", body), "quotes or variables: teach parse_nginx first"
+    root: list = []
+    stack, words = [root], []
+    for token in re.findall(r"[{};]|[^\s{};]+", body):
+        if token == ";":
+            stack[-1].append((words[0], words[1:], None))
+            words = []
+        elif token == "{":
+            block: list = []
+            stack[-1].append((words[0], words[1:], block))
+            stack.append(block)
+            words = []
+        elif token == "}":
+            assert not words, f"{words} without ';'"
+            stack.pop()
+        else:
+            words.append(token)
+    assert len(stack) == 1 and not words, "unbalanced braces"
+    return root
+
+
+def directives(tree: list, name: str) -> list[tuple[str, list[str], list | None]]:
+    """Every `name` directive anywhere in the tree."""
+    found = []
+    for node in tree:
+        if node[0] == name:
+            found.append(node)
+        if node[2] is not None:
+            found += directives(node[2], name)
+    return found
+
+
+def names(tree: list) -> set[str]:
+    return {node[0] for node in tree} | {n for node in tree if node[2] for n in names(node[2])}
+
+
+@pytest.mark.parametrize("tls", [True, False], ids=["tls", "insecure"])
+def test_proxy_config_routes_only_the_fleet_api_and_health_to_the_superlink(tmp_path, tls):
+    folder, certs, text = proxy_config(tmp_path, tls=tls)
+    tree = parse_nginx(text)
+    (http,) = [node for node in tree if node[0] == "http"]
+    (server,) = [node for node in http[2] if node[0] == "server"]
+    (listen,) = directives(tree, "listen")
+    assert listen[1][0] == f"0.0.0.0:{SERVER_PORT}"
+    assert ("ssl" in listen[1]) == tls
+
+    # Exactly three locations, no other way to route or answer (no regex locations, `if`,
+    # `rewrite` or `include`), and nothing but TLS settings beside them in the server block.
+    locations = {tuple(args): block for name, args, block in server[2] if name == "location"}
+    assert set(locations) == {(proxy.FLEET_PREFIX,), ("=", proxy.HEALTH_PATH), ("/",)}
+    assert proxy.FLEET_PREFIX == "/v1/fleet/" and proxy.HEALTH_PATH == "/health"
+    assert {name for name, _, _ in server[2]} <= {"listen", "location", "ssl_certificate",
+                                                  "ssl_certificate_key", "ssl_protocols"}
+    assert not names(tree) & {"if", "rewrite", "include", "load_module", "error_page",
+                              "try_files", "alias", "root", "grpc_pass", "fastcgi_pass"}
+
+    # Everything else, the Control API (/v1/control), the Runtime API (/v1/runtime) and the docs
+    # included, is answered 403 by nginx and never reaches Flower.
+    assert locations[("/",)] == [("return", ["403"], None)]
+
+    scheme = "https" if tls else "http"
+    upstream = f"{scheme}://127.0.0.1:{UPSTREAM_PORT}"
+    assert [args for _, args, _ in directives(tree, "proxy_pass")] == [[upstream], [upstream]]
+    for key, method in (((proxy.FLEET_PREFIX,), "POST"), (("=", proxy.HEALTH_PATH), "GET")):
+        block = locations[key]
+        (limit,) = [node for node in block if node[0] == "limit_except"]
+        assert limit[1] == [method] and limit[2] == [("deny", ["all"], None)], limit
+        assert [args for name, args, _ in block if name == "proxy_pass"] == [[upstream]]
+
+    ssl_settings = {name: args for name, args, _ in directives(tree, "ssl_certificate")
+                    + directives(tree, "ssl_certificate_key") + directives(tree, "proxy_ssl_verify")
+                    + directives(tree, "proxy_ssl_trusted_certificate")
+                    + directives(tree, "proxy_ssl_name")}
+    if not tls:
+        assert not [n for n in names(tree) if n.startswith(("ssl_", "proxy_ssl_"))]
+    else:
+        # The sites' TLS ends here with the federation's server certificate; the hop to the
+        # SuperLink is TLS again, verified against the federation's CA, under a name that the
+        # server certificate carries (SuperNode authentication needs TLS on the SuperLink).
+        assert ssl_settings["ssl_certificate"] == [str(certs / SERVER_CERT)]
+        assert ssl_settings["ssl_certificate_key"] == [str(certs / SERVER_KEY)]
+        assert ssl_settings["proxy_ssl_verify"] == ["on"]
+        assert ssl_settings["proxy_ssl_trusted_certificate"] == [str(certs / CA_CERT)]
+        server_cert = x509.load_pem_x509_certificate((certs / SERVER_CERT).read_bytes())
+        dns = server_cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+        assert ssl_settings["proxy_ssl_name"][0] in dns.get_values_for_type(x509.DNSName)
+        (protocols,) = directives(tree, "ssl_protocols")
+        assert set(protocols[1]) <= {"TLSv1.2", "TLSv1.3"}
+
+
+@pytest.mark.parametrize("tls", [True, False], ids=["tls", "insecure"])
+def test_proxy_config_writes_only_inside_the_run_directory(tmp_path, tls):
+    """The container's root is read-only: every file nginx writes is in the run directory, and all
+    five temp paths are set, so Debian's compiled-in /var/lib/nginx is never used."""
+    folder, _, text = proxy_config(tmp_path, tls=tls)
+    tree = parse_nginx(text)
+    assert [node[1] for node in directives(tree, "daemon")] == [["off"]], "medfed supervises it"
+    assert [node[1] for node in directives(tree, "error_log")] == [["stderr", "warn"]]
+    temp_paths = {name for name in names(tree) if name.endswith("_temp_path")}
+    assert temp_paths == {f"{name}_temp_path" for name in
+                          ("client_body", "proxy", "fastcgi", "uwsgi", "scgi")}
+    for name in ("pid", "access_log", *temp_paths):
+        (node,) = directives(tree, name)
+        assert Path(node[1][0]).is_relative_to(folder), node
+    assert "user" not in names(tree)
+
+
+@needs_nginx
+@pytest.mark.parametrize("tls", [True, False], ids=["tls", "insecure"])
+def test_nginx_accepts_the_proxy_config(tmp_path, tls):
+    """`nginx -t` exactly as `medfed server start` starts it (-p, -c, -e stderr). `-t` does not
+    bind the port. Run as root, nginx also checks that its compiled-in worker user exists, as it
+    does at a real start, so a failure here would be one there too. Warnings pass (nginx 1.25 and
+    later call `listen ... http2` deprecated); anything worse fails."""
+    folder, _, _ = proxy_config(tmp_path, tls=tls)
+    result = subprocess.run([NGINX, "-t", "-p", str(folder), "-c", str(folder / "nginx.conf"),
+                             "-e", "stderr"], capture_output=True, text=True, timeout=60)
+    output = result.stdout + result.stderr
+    assert result.returncode == 0 and "test is successful" in output, output
+    assert not re.search(r"\[(emerg|alert|crit|error)\]", output), output
+
+
+class StandInSuperLink(http.server.ThreadingHTTPServer):
+    """Answers every request with 200 and remembers (method, path): what got past nginx."""
+
+    def __init__(self, port: int, certs: Path | None):
+        seen: list[tuple[str, str]] = []
+        self.seen = seen
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def answer(self):
+                self.rfile.read(int(self.headers.get("content-length") or 0))
+                seen.append((self.command, self.path))
+                self.send_response(200)
+                self.send_header("content-length", "2")
+                self.end_headers()
+                self.wfile.write(b"ok")
+
+            do_GET = do_POST = answer
+
+            def log_message(self, *args):
+                pass
+
+        super().__init__(("127.0.0.1", port), Handler)
+        if certs is not None:
+            context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+            context.load_cert_chain(certs / SERVER_CERT, certs / SERVER_KEY)
+            self.socket = context.wrap_socket(self.socket, server_side=True)
+
+
+@needs_nginx
+@pytest.mark.parametrize("tls", [True, False], ids=["tls", "insecure"])
+def test_nginx_started_by_medfed_passes_the_fleet_api_and_refuses_the_rest(tmp_path, tls):
+    """nginx as `start_proxy` starts it, in front of a stand-in for the loopback SuperLink: the
+    sites' calls pass, the Control and Runtime APIs, the docs, other methods and a `..` detour
+    get 403 from nginx and never reach the SuperLink."""
+    certs = None
+    if tls:
+        certs = tmp_path / "certs"
+        init_certs(certs, server_host="fl.example.org", sites=["hospital-a"])
+    port, link_port = free_port(), free_port()
+    link = StandInSuperLink(link_port, certs)
+    threading.Thread(target=link.serve_forever, daemon=True).start()
+    nginx = proxy.start_proxy(folder=tmp_path / "run" / "proxy", host="127.0.0.1", port=port,
+                              upstream_port=link_port, certs=certs, log=tmp_path / "proxy.log")
+    context = None if certs is None else ssl.create_default_context(cafile=str(certs / CA_CERT))
+
+    def ask(method: str, path: str) -> int:
+        connection = (http.client.HTTPSConnection("localhost", port, context=context, timeout=10)
+                      if tls else http.client.HTTPConnection("localhost", port, timeout=10))
+        try:
+            connection.request(method, path, body=b"{}" if method == "POST" else None)
+            return connection.getresponse().status
+        finally:
+            connection.close()
+
+    try:
+        deadline = time.monotonic() + 20
+        while True:
+            assert nginx.running(), nginx.tail()
+            try:
+                if ask("GET", "/health") == 200:
+                    break
+            except OSError:
+                pass
+            assert time.monotonic() < deadline, f"nginx did not answer: {nginx.tail()}"
+            time.sleep(0.2)
+        link.seen.clear()
+        passed = [("POST", "/v1/fleet/pull-messages"), ("POST", "/v1/fleet/push-messages"),
+                  ("GET", "/health")]
+        refused = [("POST", "/v1/control/list-runs"), ("POST", "/v1/control/start-run"),
+                   ("POST", "/v1/runtime/pull-task-input"), ("GET", "/docs"),
+                   ("GET", "/openapi.json"), ("GET", "/v1/fleet/pull-messages"),
+                   ("POST", "/health"), ("POST", "/v1/fleet/../control/list-runs"),
+                   ("POST", "/v1/fleet/%2e%2e/control/list-runs"), ("POST", "/")]
+        assert {request: ask(*request) for request in passed + refused} == \
+            {**{request: 200 for request in passed}, **{request: 403 for request in refused}}
+        assert link.seen == passed, "only the sites' calls may reach the SuperLink"
+    finally:
+        nginx.stop(grace=5)
+        link.shutdown()
+        link.server_close()
