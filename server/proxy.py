@@ -21,8 +21,10 @@ from medfed.common.errors import MedfedError
 from medfed.common.processes import Child, flower_env
 from medfed.server.certs import CA_CERT, SERVER_CERT, SERVER_KEY
 
-# What the sites' SuperNodes call; Flower's SuperNode uses nothing outside these.
-FLEET_PREFIX = "/v1/fleet/"
+# What the sites' SuperNodes call (`/v1/fleet/pull-messages`, ...); Flower's SuperNode uses
+# nothing else. Matched on nginx's normalised path and forwarded as that path, so no encoded
+# `..` or `%2F` can carry a request from here into another API.
+FLEET_PATHS = "^/v1/fleet/[a-z-]+$"
 HEALTH_PATH = "/health"
 # A model payload travels in one request body; EfficientNet-Lite0 whole is ~14 MB, VGG16 ~500 MB.
 MAX_BODY = "2g"
@@ -48,8 +50,7 @@ def nginx_config(*, folder: Path, host: str, port: int, upstream_port: int,
     path it writes is inside `folder`."""
     listen = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
     if certs is None:
-        tls, upstream = "", f"http://127.0.0.1:{upstream_port}"
-        listen_options = ""
+        listen_options, tls, upstream, upstream_tls = "", "", f"http://127.0.0.1:{upstream_port}", ""
     else:
         # `listen ... http2` rather than `http2 on`: the latter needs nginx 1.25 (Debian 12 has 1.22).
         listen_options = " ssl http2"
@@ -57,13 +58,14 @@ def nginx_config(*, folder: Path, host: str, port: int, upstream_port: int,
         ssl_certificate {certs / SERVER_CERT};
         ssl_certificate_key {certs / SERVER_KEY};
         ssl_protocols TLSv1.2 TLSv1.3;"""
-        upstream = f"""https://127.0.0.1:{upstream_port};
+        upstream = f"https://127.0.0.1:{upstream_port}"
+        upstream_tls = f"""
             proxy_ssl_verify on;
             proxy_ssl_trusted_certificate {certs / CA_CERT};
             proxy_ssl_name localhost;
-            proxy_ssl_server_name on"""
+            proxy_ssl_server_name on;"""
     forward = f"""
-            proxy_pass {upstream};
+            proxy_pass {upstream}$uri;{upstream_tls}
             proxy_http_version 1.1;
             proxy_request_buffering off;
             proxy_buffering off;
@@ -88,7 +90,7 @@ http {{
     server {{
         listen {listen}{listen_options};{tls}
 
-        location {FLEET_PREFIX} {{
+        location ~ {FLEET_PATHS} {{
             limit_except POST {{ deny all; }}{forward}
         }}
         location = {HEALTH_PATH} {{

@@ -582,7 +582,9 @@ def parse_nginx(text: str) -> list[tuple[str, list[str], list | None]]:
     """nginx.conf as a tree of (directive, arguments, block or None). Quoting and variables are
     not handled: the config is refused if it has any."""
     body = re.sub(r"#[^\n]*", "", text)
-    assert not re.search(r"[\"'$]", body), "quotes or variables: teach parse_nginx first"
+    # The one variable medfed uses ($uri) and the Fleet location's end anchor; nothing else.
+    plain = body.replace("$uri", "").replace(proxy.FLEET_PATHS, "")
+    assert not re.search(r"[\"'$]", plain), "quotes or variables: teach parse_nginx first"
     root: list = []
     stack, words = [root], []
     for token in re.findall(r"[{};]|[^\s{};]+", body):
@@ -628,11 +630,12 @@ def test_proxy_config_routes_only_the_fleet_api_and_health_to_the_superlink(tmp_
     assert listen[1][0] == f"0.0.0.0:{SERVER_PORT}"
     assert ("ssl" in listen[1]) == tls
 
-    # Exactly three locations, no other way to route or answer (no regex locations, `if`,
-    # `rewrite` or `include`), and nothing but TLS settings beside them in the server block.
+    # Exactly three locations, no other way to route or answer (no `if`, `rewrite` or
+    # `include`), and nothing but TLS settings beside them in the server block. The Fleet API's
+    # location is anchored at both ends and admits single path segments only.
     locations = {tuple(args): block for name, args, block in server[2] if name == "location"}
-    assert set(locations) == {(proxy.FLEET_PREFIX,), ("=", proxy.HEALTH_PATH), ("/",)}
-    assert proxy.FLEET_PREFIX == "/v1/fleet/" and proxy.HEALTH_PATH == "/health"
+    assert set(locations) == {("~", proxy.FLEET_PATHS), ("=", proxy.HEALTH_PATH), ("/",)}
+    assert proxy.FLEET_PATHS == "^/v1/fleet/[a-z-]+$" and proxy.HEALTH_PATH == "/health"
     assert {name for name, _, _ in server[2]} <= {"listen", "location", "ssl_certificate",
                                                   "ssl_certificate_key", "ssl_protocols"}
     assert not names(tree) & {"if", "rewrite", "include", "load_module", "error_page",
@@ -643,9 +646,10 @@ def test_proxy_config_routes_only_the_fleet_api_and_health_to_the_superlink(tmp_
     assert locations[("/",)] == [("return", ["403"], None)]
 
     scheme = "https" if tls else "http"
-    upstream = f"{scheme}://127.0.0.1:{UPSTREAM_PORT}"
+    # Forwarded as nginx's normalised path ($uri), never the raw request line.
+    upstream = f"{scheme}://127.0.0.1:{UPSTREAM_PORT}$uri"
     assert [args for _, args, _ in directives(tree, "proxy_pass")] == [[upstream], [upstream]]
-    for key, method in (((proxy.FLEET_PREFIX,), "POST"), (("=", proxy.HEALTH_PATH), "GET")):
+    for key, method in ((("~", proxy.FLEET_PATHS), "POST"), (("=", proxy.HEALTH_PATH), "GET")):
         block = locations[key]
         (limit,) = [node for node in block if node[0] == "limit_except"]
         assert limit[1] == [method] and limit[2] == [("deny", ["all"], None)], limit
@@ -772,14 +776,19 @@ def test_nginx_started_by_medfed_passes_the_fleet_api_and_refuses_the_rest(tmp_p
         link.seen.clear()
         passed = [("POST", "/v1/fleet/pull-messages"), ("POST", "/v1/fleet/push-messages"),
                   ("GET", "/health")]
+        # nginx resolves encoded dots and slashes first; what it forwards is the resolved path.
+        resolved = {("POST", "/v1/control/list-runs/..%2F..%2Ffleet/x"): ("POST", "/v1/fleet/x")}
         refused = [("POST", "/v1/control/list-runs"), ("POST", "/v1/control/start-run"),
                    ("POST", "/v1/runtime/pull-task-input"), ("GET", "/docs"),
                    ("GET", "/openapi.json"), ("GET", "/v1/fleet/pull-messages"),
                    ("POST", "/health"), ("POST", "/v1/fleet/../control/list-runs"),
-                   ("POST", "/v1/fleet/%2e%2e/control/list-runs"), ("POST", "/")]
-        assert {request: ask(*request) for request in passed + refused} == \
-            {**{request: 200 for request in passed}, **{request: 403 for request in refused}}
-        assert link.seen == passed, "only the sites' calls may reach the SuperLink"
+                   ("POST", "/v1/fleet/%2e%2e/control/list-runs"),
+                   ("POST", "/v1/fleet/pull-messages/x"), ("POST", "/")]
+        requests = passed + list(resolved) + refused
+        assert {request: ask(*request) for request in requests} == \
+            {**{r: 200 for r in passed + list(resolved)}, **{r: 403 for r in refused}}
+        assert link.seen == passed + list(resolved.values()), \
+            "only the sites' calls may reach the SuperLink"
     finally:
         nginx.stop(grace=5)
         link.shutdown()
