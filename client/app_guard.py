@@ -11,15 +11,20 @@ So `medfed client` puts this program first on its SuperNode's PATH under the nam
 Flower's own ClientApp process with one check added: the bundle of the message's run is refused
 before any of it is installed or imported unless it is a medfed study bundle — a pyproject.toml
 alone (plus Flower's `.info/`), naming medfed's ClientApp, whose content hash is the one the run
-declares. A refusal becomes an error reply to the server and a line in the site's log.
+declares. A refusal becomes an error reply to the server and a line in the site's log. Every
+message, refused or not, leaves an entry in the site's audit log (client/audit.py).
 """
 
 from __future__ import annotations
 
 import hashlib
 import io
+import os
 import tomllib
 import zipfile
+from pathlib import Path
+
+from medfed.client import audit
 
 CLIENTAPP = "medfed.client.app:app"
 REFUSED = "medfed refused the app of run"
@@ -57,11 +62,11 @@ def main() -> None:
     from flwr.supernode.runtime import run_clientapp as runtime
 
     pulled = {}
-    pull, install = runtime.pull_task_input, runtime.install_from_fab
+    pull, install, push = runtime.pull_task_input, runtime.install_from_fab, runtime.push_message
 
     def pull_task_input(client):
         message, context, run, fab = pull(client)
-        pulled.update(run=run, fab=fab)
+        pulled.update(message=message, run=run, fab=fab)
         return message, context, run, fab
 
     def install_from_fab(content, *args, **kwargs):
@@ -73,12 +78,31 @@ def main() -> None:
             if run.fab_hash != fab.hash_str:
                 raise ForeignApp(f"the run declares bundle {run.fab_hash[:12]} but sent {fab.hash_str[:12]}")
         except ForeignApp as exc:
+            pulled["refused"] = str(exc)
             raise ForeignApp(f"{REFUSED} {run.run_id} ({run.fab_id}): {exc}") from None
         return install(content, *args, **kwargs)
 
+    def push_message(client, reply, context):
+        if os.environ.get(audit.AUDIT_ENV) and "message" in pulled:
+            audit.append(Path(os.environ[audit.AUDIT_ENV]), _entry(pulled, reply))
+        return push(client, reply, context)
+
     runtime.pull_task_input = pull_task_input
     runtime.install_from_fab = install_from_fab
+    runtime.push_message = push_message
     flwr_clientapp()
+
+
+def _entry(pulled: dict, reply) -> dict:
+    message, run = pulled["message"], pulled["run"]
+    config = message.content.config_records.get("config", {}) if message.has_content() else {}
+    entry = {"run": run.run_id, "app": run.fab_id, "app_hash": pulled["fab"].hash_str,
+             "type": message.metadata.message_type, "round": config.get("server-round")}
+    if "refused" in pulled:
+        return {**entry, "refused": pulled["refused"]}
+    if reply.has_error():
+        return {**entry, "error": reply.error.reason}
+    return {**entry, "sent": audit.describe_reply(reply.content)}
 
 
 if __name__ == "__main__":

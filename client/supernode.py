@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from medfed.client.app_guard import REFUSED as FOREIGN_APP
+from medfed.client.audit import AUDIT_ENV
 from medfed.client.data_check import check
 from medfed.common.dataset import SPLITS, load_splits
 from medfed.common.errors import MedfedError
@@ -56,6 +57,11 @@ class Site:
     certs: Path | None   # None: --insecure
     log: Path
     connect_timeout: float
+
+    @property
+    def audit_log(self) -> Path:
+        """Every message this site ran, beside the SuperNode's log (client/audit.py)."""
+        return self.log.with_name(f"{self.log.stem}.audit.jsonl")
 
 
 def prepare(*, site: str, data: Path, superlink: str, certs: Path | None, insecure: bool,
@@ -112,14 +118,16 @@ def supernode_command(site: Site, *, runtime_port: int) -> list[str]:
                       "--auth-supernode-private-key", str(site.certs / NODE_KEY)]
 
 
-def guarded_env(folder: Path) -> dict[str, str]:
+def guarded_env(folder: Path, *, audit_log: Path) -> dict[str, str]:
     """Flower's environment with `flwr-clientapp` resolving to medfed's guard (Flower's SuperExec
-    starts that program by name, through PATH, for every message)."""
+    starts that program by name, through PATH, for every message), which appends each message
+    to `audit_log`."""
     guard = folder / "flwr-clientapp"
     guard.write_text(f'#!/bin/sh\nexec "{sys.executable}" -m medfed.client.app_guard "$@"\n')
     guard.chmod(0o755)
     env = flower_env()
     env["PATH"] = f"{folder}:{env['PATH']}"
+    env[AUDIT_ENV] = str(audit_log.resolve())
     return env
 
 
@@ -128,7 +136,7 @@ def run(site: Site, *, progress=print) -> None:
     the SuperNode is stopped on every way out."""
     guard = Path(tempfile.mkdtemp(prefix="medfed-guard-"))
     try:
-        _supervise(site, env=guarded_env(guard), progress=progress)
+        _supervise(site, env=guarded_env(guard, audit_log=site.audit_log), progress=progress)
     finally:
         shutil.rmtree(guard, ignore_errors=True)
 
@@ -151,7 +159,7 @@ def _supervise(site: Site, *, env: dict[str, str], progress) -> None:
                 continue
             progress(f"{site.name} joined the SuperLink at {site.superlink} as node {node_id}; the "
                      f"ClientApp reads {site.data}. Waiting for the server's rounds (Ctrl-C to "
-                     f"leave); log: {site.log}")
+                     f"leave); log: {site.log}; audit: {site.audit_log}")
             while node.running():
                 for line in log.lines():
                     if match := RECEIVED.search(line):

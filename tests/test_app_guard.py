@@ -168,6 +168,12 @@ def test_a_site_refuses_a_foreign_app_before_any_of_its_code_runs(tmp_path, medm
     assert len(replies) == 1 and REFUSED in replies[0] and "carries files of its own" in replies[0]
     assert not marker.exists()
     assert REFUSED in output, output
+    # The site's own audit trail names the refused run and its bundle, readable with `medfed status`.
+    (entry,) = [json.loads(line) for line in (tmp_path / "site.audit.jsonl").read_text().splitlines()]
+    assert entry["type"] == "query" and "carries files of its own" in entry["refused"]
+    shown = subprocess.run([MEDFED, "status", str(tmp_path / "site.audit.jsonl")],
+                           capture_output=True, text=True, timeout=60)
+    assert shown.returncode == 0 and "query: REFUSED" in shown.stdout, shown
 
 
 def _try_run(app: Path, home: Path) -> dict:

@@ -197,6 +197,15 @@ def test_three_hospitals_train_over_tls_and_strangers_are_turned_away(deployment
         assert "joined the SuperLink" in client.out
         assert "train request from the server" in client.out
         assert client.interrupt() == 130, client.err
+        # Each site's audit trail: every message it ran and what left the site, by name and size.
+        audit = d["federation"] / f"{client.name}.audit.jsonl"
+        entries = [json.loads(line) for line in audit.read_text().splitlines()]
+        trains = [e for e in entries if e["type"] == "train"]
+        assert [e["round"] for e in trains] == [1, 2] and all(e["sent"]["bytes"] > 0 for e in trains)
+        assert not any("refused" in e or "error" in e for e in entries)
+        shown = subprocess.run([MEDFED, "status", str(audit)], capture_output=True, text=True,
+                               timeout=60)
+        assert shown.returncode == 0 and "train round 2: sent" in shown.stdout, shown
 
 
 def test_a_site_that_never_comes_is_left_out_on_time(deployments):
