@@ -15,7 +15,8 @@ import functools
 from pathlib import Path
 
 from medfed.common.config import Config
-from medfed.common.dataset import SPLITS, LabelledImages, load_splits
+from medfed.common.dataset import SPLITS, LabelledImages, check_labels, load_splits
+from medfed.common.messages import RoundConfig
 from medfed.common.sources import discover, is_collection, load
 from medfed.common.splits import split_indices
 
@@ -24,17 +25,17 @@ def simulated_site_name(partition_id: int) -> str:
     return f"site-{partition_id}"
 
 
-def locate_site(node_config: dict, round_config: dict) -> tuple[str, Path]:
+def locate_site(node_config: dict, received: RoundConfig) -> tuple[str, Path]:
     """(site name, data file) for this node."""
     if "data-path" in node_config:
         path = Path(str(node_config["data-path"]))
         return str(node_config.get("site", path.stem)), path
-    if "partition-id" in node_config and "sites-dir" in round_config:
+    if "partition-id" in node_config and received.sites_dir is not None:
         partition_id = int(node_config["partition-id"])
-        file = Path(str(round_config["sites-dir"])) / f"{simulated_site_name(partition_id)}.npz"
+        file = received.sites_dir / f"{simulated_site_name(partition_id)}.npz"
         # A natural split keeps the hospitals' own names; a synthetic one numbers its sites.
-        names = round_config.get("site-names")
-        return (str(names[partition_id]) if names else simulated_site_name(partition_id)), file
+        names = received.site_names
+        return (names[partition_id] if names else simulated_site_name(partition_id)), file
     raise ValueError(
         "this SuperNode has no data: start it with --node-config "
         "'site=\"NAME\" data-path=\"/path/to/site.npz\"'"
@@ -51,6 +52,7 @@ def load_site(path: Path, *, config_json: str, classes: tuple[str, ...], site: s
     missing = [s for s in SPLITS if s not in splits]
     if missing:
         raise ValueError(f"{path} has no {', '.join(missing)} split(s); a site needs train, val and test")
+    check_labels(path, splits, len(classes), classes_of=" of the federation")
     return splits
 
 

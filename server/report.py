@@ -4,19 +4,19 @@ from __future__ import annotations
 
 import csv
 import json
-import math
 import platform
 from importlib import metadata
 from pathlib import Path
 
 import numpy as np
 
+from medfed.common.dataset import SPLITS
 from medfed.common.metrics import SCALARS
+from medfed.common.messages import EVALUATED_SPLITS, clean, label_histograms, split_metrics
 from medfed.server.strategy import RoundRecord
 
 PACKAGES = ("medfed", "torch", "torchvision", "timm", "flwr", "numpy", "scikit-learn", "scipy",
             "albumentations", "ray")
-SPLITS = ("train", "val", "test")
 
 
 def versions() -> dict[str, str]:
@@ -29,23 +29,8 @@ def versions() -> dict[str, str]:
     return found
 
 
-def _clean(value):
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    return value
-
-
-def split_metrics(raw: dict, split: str, num_classes: int) -> dict:
-    """A site's flat MetricRecord (`val-auc`, `val-confusion`, …) as one split's metric dict."""
-    result = {name: _clean(float(raw[f"{split}-{name}"])) for name in (*SCALARS, "loss")}
-    matrix = np.asarray(raw[f"{split}-confusion"], dtype=int).reshape(num_classes, num_classes)
-    result["confusion_matrix"] = matrix.tolist()
-    result["n"] = int(matrix.sum())
-    return result
-
-
 def site_summary(raw: dict) -> dict:
-    histograms = {s: [int(v) for v in raw[f"{s}-histogram"]] for s in SPLITS}
+    histograms = label_histograms(raw)
     return {"n": {s: sum(h) for s, h in histograms.items()}, "label_histogram": histograms}
 
 
@@ -76,10 +61,10 @@ def build_report(
             "lr": record.lr,
             "train": dict(sorted(record.train.items())),
             "evaluate": {
-                site: {s: split_metrics(raw, s, num_classes) for s in ("val", "test")}
+                site: {s: split_metrics(raw, s, num_classes) for s in EVALUATED_SPLITS}
                 for site, raw in sorted(record.evaluate.items())
             },
-            "val_loss": _clean(record.val_loss),
+            "val_loss": clean(record.val_loss),
             "global_test": record.global_test,
             "failures": record.failures,
             "rejected": record.rejected,

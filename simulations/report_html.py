@@ -30,6 +30,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
+from medfed.common.dataset import SPLITS
 from medfed.common.metrics import SCALARS as METRICS
 from medfed.common.statistics import format_p, mean_std
 
@@ -37,7 +38,6 @@ METRIC_HEADERS = {
     "accuracy": "Accuracy", "balanced_accuracy": "Balanced accuracy", "precision": "Precision",
     "recall": "Sensitivity", "specificity": "Specificity", "f1": "F1", "auc": "AUC",
 }
-SPLITS = ("train", "val", "test")
 GLOBAL = "global"
 MISSING = "n/a"
 DPI = 100
@@ -153,6 +153,8 @@ def summary_lines(report: dict) -> list[str]:
         lines.append(f"{mode:<22} {cells[0]:>17} {cells[1]:>15} {cells[2]:>15} {cells[3]:>15}")
     if any(m == "local" for m in _modes(report)):
         lines.append("(local: the best single site's model on the global test set)")
+    if report.get("attack"):
+        lines.append(f"(simulated attack: {_attack_text(report['attack'])})")
     lines += [f"- {s['sentence']}" for s in report.get("statistics") or [] if s.get("sentence")]
     return lines
 
@@ -217,6 +219,21 @@ def _sentence(text: str) -> str:
 
 def _where(site: str) -> str:
     return "the global test set" if site == GLOBAL else f"site {site}"
+
+
+def _site_label(report: dict, site: str) -> str:
+    """A site's name, flagged when it was a simulated attacker."""
+    return f"{site} (attacker)" if site in _attackers(report) else site
+
+
+def _attackers(report: dict) -> list[str]:
+    return list((report.get("attack") or {}).get("sites") or [])
+
+
+def _attack_text(attack: dict) -> str:
+    sites = list(attack.get("sites") or [])
+    return (f"{attack.get('kind')} by {_plural(len(sites), 'site')} ({_listing(sites)}): "
+            f"{attack.get('effect') or MISSING}")
 
 
 # --- reading the report --------------------------------------------------------------------------
@@ -373,8 +390,16 @@ def _summary_section(report: dict) -> list[Block]:
     for comparison in report.get("statistics") or []:
         text.append(_sentence(comparison.get("sentence") or ""))
     glossary = tuple(f"{mode}: {_mode_meaning(mode)}" for mode in modes)
+    attack = []
+    if report.get("attack"):
+        attack = [Paragraph(
+            f"Simulated attack: {_attack_text(report['attack'])}. Strategy: "
+            f"{((report.get('config') or {}).get('federation') or {}).get('strategy') or MISSING}. "
+            "Results at the attacking sites are reported but flagged \"(attacker)\": they are "
+            "not evidence about the method. The attack changes only what the attackers train on or "
+            "send back; every test set keeps its true labels.")]
     return [Heading(1, _title(report)), Heading(2, "1. Summary"), Paragraph(" ".join(text)),
-            Paragraph("Training modes:"), Items(glossary)]
+            *attack, Paragraph("Training modes:"), Items(glossary)]
 
 
 # --- section 2: mode x site table ----------------------------------------------------------------
@@ -394,7 +419,7 @@ def _overview_section(report: dict) -> list[Block]:
                             ("accuracy", "Test accuracy")):
         rows = tuple((mode, *(_mean_std(_cell(summary, mode, s, metric=metric)) for s in columns))
                      for mode in modes)
-        blocks.append(Table(("Mode", *columns), rows, caption))
+        blocks.append(Table(("Mode", *(_site_label(report, c) for c in columns)), rows, caption))
     return blocks
 
 
@@ -428,7 +453,7 @@ def _detail_section(report: dict) -> list[Block]:
 
 
 def _site_detail(site: str, found: list[tuple[str, dict]], *, report: dict) -> list[Block]:
-    heading = "Global test set" if site == GLOBAL else f"Site {site}"
+    heading = "Global test set" if site == GLOBAL else f"Site {_site_label(report, site)}"
     rows = tuple(
         (label, *(_with_ci((result.get("metrics") or {}).get(m), (result.get("ci") or {}).get(m))
                   for m in METRICS), str((result.get("metrics") or {}).get("n", MISSING)))
@@ -728,7 +753,7 @@ def _sites_section(report: dict) -> list[Block]:
     for site, info in sites.items():
         for split in SPLITS:
             counts = list((info.get("label_histogram") or {}).get(split) or [])
-            rows.append((site, split, str((info.get("n") or {}).get(split, MISSING)),
+            rows.append((_site_label(report, site), split, str((info.get("n") or {}).get(split, MISSING)),
                          *(str(c) for c in counts + [MISSING] * (width - len(counts)))))
     return [*blocks, Plot("label-histograms", "Images per class, site and split",
                           _histogram_drawer(sites, names)),

@@ -10,13 +10,16 @@ from imagefiles import gradient, write_png
 
 from medfed.client.site_data import load_site, locate_site
 from medfed.common.config import Config
+from medfed.common.messages import RoundConfig
 
 
 def test_node_config_names_the_site_and_its_folder(tmp_path):
-    name, path = locate_site({"site": "hospital-a", "data-path": str(tmp_path)}, {})
+    received = RoundConfig(config_json=Config().to_json(), classes=("a", "b"), server_round=1,
+                           lr=None, proximal_mu=0.0, sites_dir=None, site_names=())
+    name, path = locate_site({"site": "hospital-a", "data-path": str(tmp_path)}, received)
     assert (name, path) == ("hospital-a", Path(tmp_path))
     with pytest.raises(ValueError, match="--node-config"):
-        locate_site({}, {})
+        locate_site({}, received)
 
 
 def test_folder_is_split_by_the_site_with_the_federation_seed_and_classes(tmp_path):

@@ -1,0 +1,132 @@
+"""The message contract between the server and a site: every key medfed puts in a Flower message
+beyond the arrays themselves (common/wire.py), with the one builder and the one reader of each.
+
+* The round config, sent with every message: the resolved medfed config (JSON), the class list,
+  where a simulated site finds its data, and the values Flower or the server's schedule add per
+  round (`server-round`, `lr`, FedProx's `proximal-mu`).
+* The site record in every reply: which site answers (the server trusts it only without a node
+  registry, i.e. in simulation).
+* The evaluation metric record: `{split}-{metric}` scalars, `{split}-confusion` (the confusion
+  matrix flattened row by row) and `{split}-histogram` (labels per class).
+* The key under which a site keeps its never-sent state between rounds in Flower's Context.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from flwr.app import ConfigRecord, Message, MetricRecord
+
+from medfed.common.config import Config
+from medfed.common.dataset import SPLITS
+from medfed.common.metrics import SCALARS
+
+# Flower's own record names (FedAvg's arrayrecord_key / configrecord_key) and medfed's.
+ARRAYS, METRICS, CONFIG, SITE = "arrays", "metrics", "config", "site"
+WEIGHT_KEY = "num-examples"          # Flower's FedAvg weighs replies by this metric
+TRAIN_LOSS = "train-loss"
+EVALUATED_SPLITS = ("val", "test")
+LOCAL_STATE = "medfed-local-state"   # Context.state key; never on the wire
+
+
+def round_config(config: Config, *, classes: list[str], simulated: dict | None = None) -> dict:
+    """What every message of a run carries besides the arrays; `simulated` (from
+    `simulated_sites`) tells virtual sites where their data lies."""
+    return {"medfed-config": config.to_json(), "classes": list(classes), **(simulated or {})}
+
+
+def simulated_sites(sites_dir: Path, site_names: list[str]) -> dict:
+    """Where the virtual sites of a simulation find their data, and their names."""
+    return {"sites-dir": str(sites_dir), "site-names": list(site_names)}
+
+
+def with_learning_rate(config: ConfigRecord, round_values: dict, lr: float) -> ConfigRecord:
+    """The round config as sent: Flower's per-round values, the run's, and the scheduled rate."""
+    return ConfigRecord({**config, **round_values, "lr": lr})
+
+
+@dataclass(frozen=True)
+class RoundConfig:
+    """The round config as a site reads it."""
+
+    config_json: str
+    classes: tuple[str, ...]
+    server_round: int
+    lr: float | None
+    proximal_mu: float
+    sites_dir: Path | None
+    site_names: tuple[str, ...]
+
+    @property
+    def config(self) -> Config:
+        return Config.from_json(self.config_json)
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+
+def read_round_config(message: Message) -> RoundConfig:
+    values = message.content[CONFIG]
+    return RoundConfig(
+        config_json=str(values["medfed-config"]),
+        classes=tuple(values["classes"]),
+        server_round=int(values.get("server-round", 0)),
+        lr=float(values["lr"]) if "lr" in values else None,
+        proximal_mu=float(values.get("proximal-mu", 0.0)),
+        sites_dir=Path(str(values["sites-dir"])) if "sites-dir" in values else None,
+        site_names=tuple(values.get("site-names", [])),
+    )
+
+
+def site_record(name: str) -> ConfigRecord:
+    return ConfigRecord({"name": name})
+
+
+def declared_name(reply: Message) -> str | None:
+    """The site name a reply gives for itself, if it gives one."""
+    if reply.has_content() and SITE in reply.content.config_records:
+        name = reply.content.config_records[SITE].get("name")
+        return None if name is None else str(name)
+    return None
+
+
+def train_metrics(*, num_examples: int, loss: float) -> MetricRecord:
+    return MetricRecord({WEIGHT_KEY: num_examples, TRAIN_LOSS: loss})
+
+
+def evaluation_metrics(results: dict[str, dict], *, histograms: dict[str, list[int]],
+                       num_examples: int) -> MetricRecord:
+    """A site's evaluation (`results[split]` from common.inference.evaluate) as one flat record."""
+    metrics = MetricRecord({WEIGHT_KEY: num_examples})
+    for split, result in results.items():
+        metrics[f"{split}-loss"] = result["loss"]
+        for name in SCALARS:
+            value = result[name]
+            metrics[f"{split}-{name}"] = float("nan") if value is None else value
+        metrics[f"{split}-confusion"] = np.asarray(result["confusion_matrix"]).ravel().tolist()
+    for split, histogram in histograms.items():
+        metrics[f"{split}-histogram"] = list(histogram)
+    return metrics
+
+
+def clean(value):
+    """A non-finite float as None (JSON has no NaN)."""
+    return None if isinstance(value, float) and not math.isfinite(value) else value
+
+
+def split_metrics(raw: dict, split: str, num_classes: int) -> dict:
+    """One split's metric dict from a site's flat evaluation record (`val-auc`, `val-confusion`...)."""
+    result = {name: clean(float(raw[f"{split}-{name}"])) for name in (*SCALARS, "loss")}
+    matrix = np.asarray(raw[f"{split}-confusion"], dtype=int).reshape(num_classes, num_classes)
+    result["confusion_matrix"] = matrix.tolist()
+    result["n"] = int(matrix.sum())
+    return result
+
+
+def label_histograms(raw: dict) -> dict[str, list[int]]:
+    """Labels per class of each of a site's splits, from its evaluation record."""
+    return {s: [int(v) for v in raw[f"{s}-histogram"]] for s in SPLITS}
