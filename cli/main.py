@@ -25,6 +25,7 @@ OPTION_KEYS = {
     "mu": "federation.mu", "seed": "seed", "out": "out", "equalize": "data.equalize",
     "compare": "evidence.compare", "seeds": "evidence.seeds", "folds": "evidence.folds",
     "train_fraction": "evidence.train_fractions",
+    "attack": "attack.kind", "attackers": "attack.sites",
 }
 
 
@@ -89,7 +90,7 @@ def simulate(
     weights: Optional[str] = typer.Option(None, help="imagenet, none, or a checkpoint path."),
     freeze: Optional[str] = typer.Option(None, help="Stages frozen after the stem; 0 = none, all = head only."),
     bn: Optional[str] = typer.Option(None, help="BatchNorm policy: avg or local (FedBN)."),
-    strategy: Optional[str] = typer.Option(None, help="fedavg, fedprox, fedadam, fedyogi, fedmedian, fedtrimmedavg."),
+    strategy: Optional[str] = typer.Option(None, help="fedavg, fedprox, fedadam, fedyogi, fedmedian, fedtrimmedavg, krum, multikrum, bulyan."),
     mu: Optional[float] = typer.Option(None, help="FedProx proximal weight."),
     rounds: Optional[int] = typer.Option(None, help="Federated rounds."),
     local_epochs: Optional[int] = typer.Option(None, help="Local epochs per round."),
@@ -106,6 +107,10 @@ def simulate(
     folds: Optional[int] = typer.Option(None, help="k-fold cross-validation of every site's split."),
     train_fraction: Optional[str] = typer.Option(
         None, help="Fractions of each site's training data, e.g. 0.1,0.25,0.5,1.0 (data-efficiency study)."),
+    attack: Optional[str] = typer.Option(
+        None, help="Simulate an attack by the first --attackers sites: sign-flip, scaled, noise "
+                   "or label-flip (strength: --set attack.scale=S)."),
+    attackers: Optional[int] = typer.Option(None, help="Number of attacking sites (with --attack)."),
     set_: list[str] = typer.Option([], "--set", help="Override any config key: section.key=value."),
     verbose: bool = typer.Option(False, help="Show Flower's and Ray's own logs."),
 ) -> None:
@@ -113,19 +118,59 @@ def simulate(
     options = {k: v for k, v in locals().items() if k in OPTION_KEYS and v is not None}
     if clahe:
         options["equalize"] = "clahe"
-    try:
-        from medfed.simulations.compare import simulate as run_simulation
+    from medfed.common.processes import interrupt_once
 
-        resolved = load_yaml(config) if config else Config()
-        for name, value in options.items():
-            set_value(resolved, OPTION_KEYS[name], value, origin=f"--{name.replace('_', '-')}")
-        for assignment in set_:
-            set_value(resolved, *parse_assignment(assignment))
-        run_dir, report = run_simulation(resolved, progress=lambda line: typer.echo(line),
-                                         verbose=verbose)
-    except MedfedError as exc:
-        fail(exc, code=2)
+    interrupted: list[bool] = []
+
+    def progress(line: str) -> None:
+        if not interrupted:  # after Ctrl-C, the sites' failing replies are no news
+            typer.echo(line)
+
+    def on_interrupt() -> None:
+        interrupted.append(True)
+        if not verbose:
+            quiet_simulation_engine()
+
+    with interrupt_once(INTERRUPTED, on_interrupt=on_interrupt):
+        try:
+            resolved = load_yaml(config) if config else Config()
+            for name, value in options.items():
+                set_value(resolved, OPTION_KEYS[name], value, origin=f"--{name.replace('_', '-')}")
+            for assignment in set_:
+                set_value(resolved, *parse_assignment(assignment))
+            # Imported once the options are read: a bad option is refused without loading torch/Flower.
+            from medfed.simulations.compare import simulate as run_simulation
+
+            run_dir, report = run_simulation(resolved, progress=progress, verbose=verbose)
+        except KeyboardInterrupt as exc:
+            simulation_interrupted(getattr(exc, "kept", None))
+        except MedfedError as exc:
+            fail(exc, code=2)
     print_summary(run_dir, report)
+
+
+INTERRUPTED = "interrupted; nothing is left running"
+
+
+def quiet_simulation_engine() -> None:
+    """After Ctrl-C, Flower's engine threads log every task cut short (Ray's ActorDiedError, with
+    a traceback): expected then, and not the user's business. --verbose keeps them."""
+    import logging
+
+    for name in ("flwr", "ray"):
+        logging.getLogger(name).disabled = True
+
+
+def simulation_interrupted(kept: Optional[Path]) -> NoReturn:
+    """Ctrl-C: Ray shut down, one line, exit 130, now. Flower's simulation threads (the ServerApp
+    waiting for replies, the engine's workers in `ray.get`) would hold a normal exit for up to
+    the round timeout, so the process ends without waiting for them."""
+    from medfed.common.processes import exit_now, stop_descendants
+
+    message = INTERRUPTED
+    if kept is not None:
+        message += f"; the unfinished run is kept as it is in {kept}/"
+    exit_now(message, code=130, cleanup=stop_descendants)
 
 
 data_app = typer.Typer(no_args_is_help=True, help="Look at a site's own data; nothing leaves this machine.")
@@ -227,13 +272,16 @@ def server_start(
 
 
 @app.command()
-def status(run_dir: Path = typer.Argument(..., help="The run directory of a running "
-                                                    "`medfed server start`.")) -> None:
-    """What the study's SuperLink knows now: its runs and which sites are online."""
+def status(target: Path = typer.Argument(..., help="At the coordinator: the run directory of a "
+                                                    "running `medfed server start`. At a site: its "
+                                                    "audit log (supernode-<site>.audit.jsonl).")) -> None:
+    """At the coordinator, what the study's SuperLink knows now: its runs and which sites are
+    online. At a site, every message it ran for the server and what it sent back."""
+    from medfed.client.audit import render
     from medfed.server.superlink import status as superlink_status
 
     try:
-        typer.echo("\n".join(superlink_status(run_dir)))
+        typer.echo("\n".join(render(target) if target.is_file() else superlink_status(target)))
     except MedfedError as exc:
         fail(exc, code=2)
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,7 +21,13 @@ import yaml
 from medfed.common.errors import MedfedError
 from medfed.common.medmnist_catalogue import DATASETS
 
-STRATEGIES = ("fedavg", "fedprox", "fedadam", "fedyogi", "fedmedian", "fedtrimmedavg")
+STRATEGIES = ("fedavg", "fedprox", "fedadam", "fedyogi", "fedmedian", "fedtrimmedavg", "krum",
+              "multikrum", "bulyan")
+# Byzantine-robust strategies and the fewest training replies per round each needs for
+# `federation.byzantine` = f assumed attackers: Krum/MultiKrum score each update by its n - f - 2
+# nearest others (Blanchard et al. 2017: n >= 2f + 3); Bulyan (El Mhamdi et al. 2018): n >= 4f + 3.
+BYZANTINE_MINIMUM = {"krum": (2, 3), "multikrum": (2, 3), "bulyan": (4, 3)}
+ATTACKS = ("none", "sign-flip", "scaled", "noise", "label-flip")
 PARTITIONS = ("iid", "dirichlet", "quantity", "pathological", "natural")
 EQUALIZERS = ("none", "clahe", "hist")
 MODES = ("federated", "centralized", "local", "scratch", "classical")
@@ -28,6 +35,9 @@ OPTIMIZERS = ("adam", "sgd")
 BN_POLICIES = ("avg", "local")
 DEVICES = ("auto", "cpu", "cuda")
 MEDMNIST_RESOLUTIONS = (28, 64, 128, 224)
+# Seeds feed numpy (non-negative only) and torch (a site derives its own from seed x 100003 plus
+# the round, which must stay below 2**64).
+MAX_SEED = 2**32 - 1
 
 
 @dataclass
@@ -114,6 +124,29 @@ class FederationConfig:
     # Most training examples any site may claim (once a site has declared its training-set size
     # in an evaluation reply, it may claim no more than that).
     max_examples: int = 10_000_000
+    # Krum, MultiKrum and Bulyan: the number of malicious sites they assume (f). MultiKrum averages
+    # the n - f best-scored updates of each round.
+    byzantine: int = 0
+
+
+@dataclass
+class AttackConfig:
+    """A simulated attack (`medfed simulate` only; a deployed study refuses any). The first
+    `sites` virtual sites attack:
+
+    * sign-flip: their update is reversed and scaled, local' = global - scale * (local - global);
+    * scaled: local' = global + scale * (local - global);
+    * noise: their update is replaced by Gaussian noise, per tensor of standard deviation
+      scale x the root mean square of their real update;
+    * label-flip: every training label of theirs becomes the next class, (y + 1) mod classes,
+      in every mode that trains on their data.
+
+    sign-flip, scaled and noise act on the trainable parameters they send back; BatchNorm
+    statistics are left as trained."""
+
+    kind: str = "none"
+    sites: int = 0
+    scale: float = 4.0
 
 
 @dataclass
@@ -149,6 +182,7 @@ class Config:
     federation: FederationConfig = field(default_factory=FederationConfig)
     simulation: SimulationConfig = field(default_factory=SimulationConfig)
     evidence: EvidenceConfig = field(default_factory=EvidenceConfig)
+    attack: AttackConfig = field(default_factory=AttackConfig)
     seed: int = 0
     # Run directory; None picks runs/<dataset>-<strategy>-<time>.
     out: str | None = None
@@ -179,14 +213,18 @@ def _coerce(key: str, value: Any, hint: Any) -> Any:
             return value
         if kind is int and isinstance(value, int) and not isinstance(value, bool):
             return value
-        if kind is float and isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if kind is float and isinstance(value, str):
+        if kind is float and isinstance(value, (int, float, str)) and not isinstance(value, bool):
             # YAML 1.1 reads `1e-4` (no dot) as a string; it is the form people type.
             try:
-                return float(value)
-            except ValueError:
-                pass
+                number = float(value)
+            except (ValueError, OverflowError):  # not a number; an int beyond float range
+                number = math.inf if isinstance(value, int) else None
+            if number is not None:
+                if not math.isfinite(number):
+                    # `.inf`, `.nan`, `1e400`: no setting means them (an infinite learning rate
+                    # or alpha passes every "> 0" check and silently ruins the run).
+                    raise MedfedError(f"config key '{key}' has value {value!r}; expected a finite number")
+                return number
         if kind is str and isinstance(value, (str, int, float)) and not isinstance(value, bool):
             return str(value)
         if typing.get_origin(kind) is list and isinstance(value, list) and all(
@@ -250,8 +288,8 @@ def parse_assignment(text: str) -> tuple[str, Any]:
         raise MedfedError(f"--set expects key=value (e.g. federation.rounds=20), got {text!r}")
     try:
         value = yaml.safe_load(raw) if raw.strip() else None
-    except yaml.YAMLError as exc:
-        raise MedfedError(f"--set {key}: cannot read value {raw!r} ({exc})") from None
+    except _YAML_ERRORS as exc:
+        raise MedfedError(f"--set {key}: cannot read value {raw!r} ({_yaml_problem(exc)})") from None
     return key.strip(), value
 
 
@@ -259,11 +297,47 @@ def load_yaml(path: str | Path) -> Config:
     path = Path(path)
     if not path.is_file():
         raise MedfedError(f"config file {path} does not exist; pass an existing YAML file to --config")
+    return from_dict(read_yaml(path, what="config file") or {}, origin=str(path))
+
+
+def read_yaml(path: Path, *, what: str) -> Any:
+    """A YAML file's content, or one line saying why it cannot be read: not text (a binary file,
+    not UTF-8), not YAML, or not readable at all."""
     try:
-        raw = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as exc:
-        raise MedfedError(f"config file {path} is not valid YAML: {exc}") from None
-    return from_dict(raw, origin=str(path))
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise MedfedError(
+            f"{what} {path} is not a YAML text file (byte {exc.object[exc.start]:#04x} at offset "
+            f"{exc.start} is not UTF-8 text; is it a binary file?)"
+        ) from None
+    except OSError as exc:
+        raise MedfedError(f"cannot read {what} {path}: {exc.strerror or exc}") from None
+    try:
+        return yaml.safe_load(text)
+    except _YAML_ERRORS as exc:
+        raise MedfedError(f"{what} {path} is not valid YAML: {_yaml_problem(exc)}") from None
+
+
+# PyYAML's safe loader also fails with plain Python errors on some text: an impossible date
+# (`2024-13-45` is read as a timestamp: ValueError), an explicit tag with a bad value (`!!int x`,
+# `!!bool x`, `!!timestamp x`: ValueError, KeyError, AttributeError, IndexError) or nesting deeper
+# than the interpreter's stack (RecursionError). All are the text's fault, so all are reasons.
+_YAML_ERRORS = (yaml.YAMLError, ValueError, TypeError, KeyError, IndexError, AttributeError,
+                RecursionError)
+
+
+def _yaml_problem(exc: Exception) -> str:
+    """PyYAML's multi-line message as one line: the problem and where."""
+    if isinstance(exc, RecursionError):
+        return "nested too deeply"
+    if not isinstance(exc, yaml.YAMLError):
+        return "a value cannot be read: " + " ".join(f"{type(exc).__name__}: {exc}".split())
+    problem = getattr(exc, "problem", None) or getattr(exc, "context", None)
+    mark = getattr(exc, "problem_mark", None) or getattr(exc, "context_mark", None)
+    if problem is None:
+        return " ".join(str(exc).split())
+    where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+    return f"{problem}{where}"
 
 
 def parse_freeze(value: str) -> int | None:
@@ -280,9 +354,9 @@ def _check(ok: bool, key: str, value: Any, allowed: str) -> None:
 
 def validate(config: Config) -> Config:
     """Check every value that does not need the data or the model; raise on the first problem."""
-    d, p, m, t, f, s, e = (
+    d, p, m, t, f, s, e, a = (
         config.data, config.partition, config.model, config.train, config.federation,
-        config.simulation, config.evidence,
+        config.simulation, config.evidence, config.attack,
     )
     _check(d.dataset in DATASETS and d.dataset != "chestmnist", "data.dataset", d.dataset,
            ", ".join(k for k in DATASETS if k != "chestmnist")
@@ -327,18 +401,56 @@ def validate(config: Config) -> Config:
     _check(f.norm_factor == 0 or f.norm_factor > 1, "federation.norm_factor", f.norm_factor,
            "0 (off) or a number > 1")
     _check(f.max_examples >= 1, "federation.max_examples", f.max_examples, "1 or more")
+    _check(f.byzantine >= 0, "federation.byzantine", f.byzantine, "0 or more sites")
+    _check(a.kind in ATTACKS, "attack.kind", a.kind, ", ".join(ATTACKS))
+    _check(a.kind == "none" or a.sites >= 1, "attack.sites", a.sites,
+           f"1 or more attacking sites (--attackers) with attack.kind={a.kind}")
+    _check(a.kind != "none" or a.sites == 0, "attack.sites", a.sites,
+           "0 without an attack (set attack.kind too)")
+    _check(a.scale > 0, "attack.scale", a.scale, "a number > 0")
     _check(s.cpus_per_site > 0, "simulation.cpus_per_site", s.cpus_per_site, "a number > 0")
     _check(s.gpus_per_site is None or s.gpus_per_site >= 0, "simulation.gpus_per_site",
            s.gpus_per_site, "null (auto) or 0 or more")
     _check(e.folds == 0 or e.folds >= 2, "evidence.folds", e.folds, "0 (off) or 2 or more")
     _check(e.bootstrap >= 100, "evidence.bootstrap", e.bootstrap, "100 or more resamples")
     _check(e.gradcam_per_class >= 0, "evidence.gradcam_per_class", e.gradcam_per_class, "0 or more")
+    _check(0 <= config.seed <= MAX_SEED, "seed", config.seed, f"0 to {MAX_SEED}")
     modes, seeds, fractions = comparison_plan(config)
-    _check(bool(modes) and all(m in MODES for m in modes), "evidence.compare", e.compare,
-           "all, or a comma-separated list of " + ", ".join(MODES))
-    _check(all(0 < x <= 1 for x in fractions), "evidence.train_fractions", e.train_fractions,
-           "comma-separated numbers in (0, 1]")
+    _check(bool(modes) and all(m in MODES for m in modes) and len(set(modes)) == len(modes),
+           "evidence.compare", e.compare,
+           "all, or a comma-separated list of " + ", ".join(MODES) + " (each once)")
+    _check(bool(seeds) and all(0 <= x <= MAX_SEED for x in seeds) and len(set(seeds)) == len(seeds),
+           "evidence.seeds", e.seeds, f"comma-separated distinct seeds from 0 to {MAX_SEED}")
+    _check(bool(fractions) and all(0 < x <= 1 for x in fractions), "evidence.train_fractions",
+           e.train_fractions, "comma-separated numbers in (0, 1]")
     return config
+
+
+def check_sites(config: Config, *, sites: int, sampled: int | None = None,
+                why: str | None = None) -> None:
+    """What depends on the number of sites, once it is known (a simulation's partition, a
+    deployment's sites.yaml): the attackers of a simulated attack, and the malicious sites a
+    robust strategy is told to tolerate with `sampled` training replies per round (default: the
+    sites `federation.fraction_train` samples; `why` says where a smaller number comes from)."""
+    a, f = config.attack, config.federation
+    if a.kind != "none":
+        _check(a.sites < sites, "attack.sites", a.sites,
+               f"1 to {sites - 1} attacking sites (fewer than the study's {sites} sites)")
+    if f.strategy not in BYZANTINE_MINIMUM:
+        return
+    replies = max(1, round(f.fraction_train * sites)) if sampled is None else sampled
+    per_attacker, extra = BYZANTINE_MINIMUM[f.strategy]
+    needed = per_attacker * f.byzantine + extra
+    if replies < needed:
+        if why is None:
+            why = f"the study has {sites} sites" + (
+                f", {replies} sampled per round (federation.fraction_train)" if replies != sites else "")
+        raise MedfedError(
+            f"federation.strategy={f.strategy} with federation.byzantine={f.byzantine} needs at "
+            f"least {needed} sites training each round ({per_attacker}f + {extra}), but {why}: "
+            + ("assume fewer malicious sites, add sites," if f.byzantine else "add sites")
+            + " or choose another strategy"
+        )
 
 
 def comparison_plan(config: Config) -> tuple[list[str], list[int], list[float]]:
@@ -356,6 +468,17 @@ def _items(text: str, kind: type, key: str) -> list:
     except ValueError:
         raise MedfedError(f"config key '{key}' has value {text!r}; expected comma-separated "
                           f"{kind.__name__} values") from None
+
+
+def check_deployment(config: Config, *, sites: int, min_sites: int) -> None:
+    """A study across real hospitals: no simulated attack, and a robust strategy that can
+    tolerate its assumed malicious sites even when only `min_sites` sites train."""
+    if config.attack.kind != "none" or config.attack.sites:
+        raise MedfedError(f"attack.kind={config.attack.kind}: simulated attacks are for `medfed "
+                          f"simulate` only; remove the attack section from the study's config")
+    sampled = min(min_sites, max(1, round(config.federation.fraction_train * sites)))
+    check_sites(config, sites=sites, sampled=sampled,
+                why=f"only {sampled} are sure to (--min-sites {min_sites} of {sites} sites)")
 
 
 def study_classes(config: Config) -> list[str]:

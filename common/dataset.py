@@ -7,14 +7,17 @@ the same way whether it is simulated or a real hospital given an npz.
 
 from __future__ import annotations
 
+import struct
+import tokenize
 import zipfile
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from medfed.common.errors import MedfedError
+from medfed.common.errors import MedfedError, few
 
 SPLITS = ("train", "val", "test")
 
@@ -42,23 +45,46 @@ class LabelledImages:
         return np.bincount(self.labels, minlength=num_classes).astype(int).tolist()
 
 
-def load_splits(path: str | Path) -> dict[str, LabelledImages]:
-    """Read every split present in a MedMNIST-layout npz, with errors that name the file."""
+# What numpy, zipfile and zlib raise for a damaged or foreign file: a bad zip directory, a CRC
+# mismatch, a deflate stream cut or corrupted mid-file (zlib.error), an unknown compression
+# method, a flipped "encrypted" flag (RuntimeError), a mangled .npy header (parsed with
+# tokenize/ast). Any of these is the user's file, not a bug, and is reported as one line naming
+# the file.
+UNREADABLE_NPZ = (OSError, ValueError, zipfile.BadZipFile, EOFError, KeyError, zlib.error,
+                  NotImplementedError, RuntimeError, struct.error, tokenize.TokenError,
+                  SyntaxError, MemoryError, OverflowError)
+
+
+def load_splits(path: str | Path, *, num_classes: int | None = None, classes_of: str = ""
+                ) -> dict[str, LabelledImages]:
+    """Read every split present in a MedMNIST-layout npz, with errors that name the file.
+
+    Labels must be whole numbers from 0, and below `num_classes` when it is given (see
+    `check_labels`)."""
     path = Path(path)
     try:
         with np.load(path, allow_pickle=False) as npz:
-            splits = {
-                split: LabelledImages(
-                    np.ascontiguousarray(npz[f"{split}_images"]),
-                    np.asarray(npz[f"{split}_labels"]).reshape(-1).astype(np.int64),
-                )
+            raw = {
+                split: (np.ascontiguousarray(npz[f"{split}_images"]),
+                        np.asarray(npz[f"{split}_labels"]).reshape(-1))
                 for split in SPLITS
                 if f"{split}_images" in npz.files
             }
-    except (OSError, ValueError, zipfile.BadZipFile, EOFError, KeyError) as exc:
+    except UNREADABLE_NPZ as exc:
+        kind = type(exc)
+        reason = (kind.__name__ if kind.__module__ == "builtins" else f"{kind.__module__}.{kind.__name__}"
+                  ) + (": " + " ".join(str(exc).split()) if str(exc) else "")
         raise MedfedError(
-            f"{path} is not a readable MedMNIST npz ({exc}); delete it and download it again"
+            f"{path} is not a readable MedMNIST npz ({reason[:200]}): the file is damaged or not "
+            f"an npz; a downloaded MedMNIST file can be deleted and downloaded again"
         ) from None
+    splits = {}
+    for split, (images, labels) in raw.items():
+        if labels.dtype.kind not in "biuf" or (
+                labels.dtype.kind == "f" and not np.all(np.isfinite(labels) & (labels == np.round(labels)))):
+            raise MedfedError(f"{path}: {split}_labels must be whole class numbers, got "
+                              f"{labels.dtype} values such as {few(np.unique(labels)[:6].tolist())}")
+        splits[split] = LabelledImages(images, labels.astype(np.int64))
     if not splits:
         raise MedfedError(
             f"{path} holds no train_images/val_images/test_images arrays; it is not a MedMNIST npz"
@@ -73,7 +99,28 @@ def load_splits(path: str | Path) -> dict[str, LabelledImages]:
             raise MedfedError(
                 f"{path}: {split} has {len(data.images)} images but {len(data.labels)} labels"
             )
+    check_labels(path, splits, num_classes, classes_of=classes_of)
     return splits
+
+
+def check_labels(path: str | Path, splits: dict[str, LabelledImages], num_classes: int | None = None,
+                 *, classes_of: str = "") -> None:
+    """Refuse labels outside 0..num_classes-1 (outside 0.. when the class count is not known yet),
+    naming the file, the bad labels with their counts, and the allowed range: a label out of range
+    would otherwise train and then fail at the first evaluation."""
+    bad = []
+    for split, data in splits.items():
+        labels = data.labels
+        out = (labels < 0) if num_classes is None else ((labels < 0) | (labels >= num_classes))
+        if out.any():
+            values, counts = np.unique(labels[out], return_counts=True)
+            bad.append(f"{split}_labels has " + few(
+                [f"{v} ({c} image{'s' if c > 1 else ''})" for v, c in zip(values.tolist(), counts.tolist())],
+                shown=3))
+    if bad:
+        allowed = ("0 or more" if num_classes is None
+                   else f"0 to {num_classes - 1} ({num_classes} classes{classes_of})")
+        raise MedfedError(f"{path}: labels out of range: {'; '.join(bad)}; labels must be {allowed}")
 
 
 def save_splits(path: str | Path, splits: dict[str, LabelledImages]) -> None:

@@ -95,6 +95,12 @@ _IMAGE_PIXEL_GROUP = 0x0028
 class ImageReadError(Exception):
     """Why one file cannot be used (message is the reason, no file name needed; caller adds it)."""
 
+    def __init__(self, reason: str) -> None:
+        # A reason may quote the file's own bytes (a damaged transfer syntax UID, a decoder's
+        # message): it stays one line of printable text, control characters escaped.
+        super().__init__("".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii")
+                                 for c in str(reason)))
+
 
 @dataclass(frozen=True)
 class DecodedImage:
@@ -239,8 +245,10 @@ def _parse_dicom(path: Path, *, has_marker: bool) -> Dataset:
             "the DICOM holds floating-point pixel data (e.g. a parametric map), which is not a "
             "displayable image; export the source images instead"
         )
-    sop_class = ds.get("SOPClassUID")
-    kind = f" (SOP class: {UID(str(sop_class)).name})" if sop_class else ""
+    sop_class = UID(str(ds.get("SOPClassUID") or ""))
+    # Only a well-formed UID is named: a damaged length makes the value swallow the elements
+    # after it (raw bytes, newlines, the patient's name), which must not reach a message.
+    kind = f" (SOP class: {sop_class.name})" if sop_class.is_valid else ""
     raise ImageReadError(f"no Pixel Data element: this DICOM object holds no image{kind}")
 
 

@@ -9,16 +9,16 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-import torch
 from flwr.app import (
     Array, ArrayRecord, ConfigRecord, Context, Message, MessageType, MetricRecord, RecordDict,
 )
 from flwr.serverapp import Grid, ServerApp
 
-from medfed.common import wire
+from medfed.common import messages, wire
 from medfed.common.config import Config, load_yaml, study_classes, validate
 from medfed.common.dataset import LabelledImages
 from medfed.common.errors import MedfedError
+from medfed.common.files import save_torch
 from medfed.common.inference import evaluate, pick_device
 from medfed.common.metrics import SCALARS
 from medfed.common.model import build_model, count_parameters
@@ -42,7 +42,7 @@ def run_server(
     wait_s: float = 60.0,
     global_test: LabelledImages | None = None,
     partition: dict | None = None,
-    site_config: dict | None = None,
+    simulated_sites: dict | None = None,
     resume: bool = False,
     roll_call: bool = False,
     registry: dict[int, str] | None = None,
@@ -64,8 +64,8 @@ def run_server(
     trainable, total = count_parameters(model)
     device = pick_device(config.train.device)
     transform = build_transform(model, config.data, train=False)
-    round_config = {"medfed-config": config.to_json(), "num-classes": num_classes,
-                    "classes": list(dataset["classes"]), **(site_config or {})}
+    round_config = messages.round_config(config, classes=list(dataset["classes"]),
+                                         simulated=simulated_sites)
 
     def global_metrics(arrays: ArrayRecord) -> dict:
         wire.load_record(model, arrays, keys=keys)
@@ -138,8 +138,9 @@ def run_server(
     final_global = global_metrics(chosen) if global_test is not None else None
 
     wire.load_record(model, chosen, keys=keys)
-    torch.save({"model": model.state_dict(), "config": config.to_dict(), "classes": dataset["classes"],
-                "exchanged_keys": keys, "round": schedule.best_round}, run_dir / "global_model.pt")
+    save_torch(run_dir / "global_model.pt",
+               {"model": model.state_dict(), "config": config.to_dict(), "classes": dataset["classes"],
+                "exchanged_keys": keys, "round": schedule.best_round})
     report = build_report(
         config=config.to_dict(), dataset=dataset, partition=partition, rounds=strategy.rounds,
         final_sites=final_sites, final_global=final_global,

@@ -27,6 +27,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from medfed.common.config import read_yaml
 from medfed.common.errors import MedfedError
 
 CA_CERT, CA_KEY = "ca.crt", "ca.key"
@@ -106,10 +107,7 @@ def read_sites(path: str | Path) -> dict[str, Path]:
     path = Path(path)
     if not path.is_file():
         raise MedfedError(f"sites file {path} does not exist; `medfed certs init` writes one")
-    try:
-        raw = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as exc:
-        raise MedfedError(f"sites file {path} is not valid YAML: {exc}") from None
+    raw = read_yaml(path, what="sites file") or {}
     sites = raw.get("sites") if isinstance(raw, dict) else None
     if not isinstance(sites, dict) or not sites:
         raise MedfedError(f"sites file {path} has no 'sites:' mapping of site name -> public key file")

@@ -9,8 +9,8 @@ rounds may grow (continuing a finished run for more rounds).
 
 from __future__ import annotations
 
+import io
 import json
-import os
 import random
 from pathlib import Path
 
@@ -18,21 +18,33 @@ import numpy as np
 import torch
 
 from medfed.common.errors import MedfedError
+from medfed.common.files import write_bytes_atomic
 
 CHECKPOINT = "checkpoint.pt"
 
 
 def save_checkpoint(run_dir: Path, *, server_round: int, arrays: dict[str, np.ndarray],
                     strategy_state: dict, config_json: str) -> None:
-    path = run_dir / CHECKPOINT
-    partial = path.with_name(f".{CHECKPOINT}.partial")
+    """Serialized in memory first, then written beside the checkpoint, flushed and renamed over
+    it (common.files.write_bytes_atomic): a crash or a full disk mid-write leaves the previous
+    checkpoint as it was and no `.partial` file. torch.save is not given the file itself: its
+    C++ writer reports a full disk as a RuntimeError with pages of context, not as ENOSPC."""
+    path = Path(run_dir) / CHECKPOINT
+    buffer = io.BytesIO()
     torch.save({
         "round": server_round, "arrays": arrays, "strategy": strategy_state, "config": config_json,
         "random": random.getstate(), "numpy_random": np.random.get_state(),
         "torch_random": torch.get_rng_state(),
-    }, partial)
-    # A crash mid-write leaves the previous checkpoint intact: the rename is atomic.
-    os.replace(partial, path)
+    }, buffer)
+    try:
+        write_bytes_atomic(path, buffer.getbuffer())
+    except OSError as exc:
+        kept = ("the previous round's checkpoint there is kept unchanged (`medfed server start "
+                "--resume` continues from it)" if path.is_file() else "no earlier checkpoint exists")
+        raise MedfedError(
+            f"cannot write the round-{server_round} checkpoint {path} ({exc.strerror or exc}); "
+            f"{kept}; the run stopped: free some space and start again"
+        ) from None
 
 
 def load_checkpoint(run_dir: Path, *, config_json: str) -> dict:

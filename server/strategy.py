@@ -32,15 +32,17 @@ import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import (
-    FedAdam, FedAvg, FedMedian, FedProx, FedTrimmedAvg, FedYogi, Strategy,
+    Bulyan, FedAdam, FedAvg, FedMedian, FedProx, FedTrimmedAvg, FedYogi, Krum, MultiKrum, Strategy,
 )
 from flwr.serverapp.strategy.fedtrimmedavg import trim_mean
 from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords
 
-from medfed.common.config import Config
+from medfed.common import messages
+from medfed.common.config import BYZANTINE_MINIMUM, Config, check_sites
+from medfed.common.messages import WEIGHT_KEY, declared_name
 from medfed.common.wire import record_bytes
 from medfed.server.schedule import PlateauSchedule
-from medfed.server.validation import WEIGHT_KEY, RoundReference, declared_name, screen
+from medfed.server.validation import RoundReference, screen, screen_evaluation
 
 log = logging.getLogger("medfed")
 
@@ -82,7 +84,24 @@ def make_flower_strategy(config: Config, *, num_sites: int) -> Strategy:
         return FedMedian(**sampling)
     if f.strategy == "fedtrimmedavg":
         return FedTrimmedAvg(**sampling, beta=f.trim_fraction)
+    if f.strategy in BYZANTINE_MINIMUM:
+        check_sites(config, sites=num_sites)
+    if f.strategy == "krum":
+        return Krum(**sampling, num_malicious_nodes=f.byzantine)
+    if f.strategy == "multikrum":
+        # Set again every round to the replies received minus the assumed malicious sites.
+        return MultiKrum(**sampling, num_malicious_nodes=f.byzantine,
+                         num_nodes_to_select=max(1, num_sites - f.byzantine))
+    if f.strategy == "bulyan":
+        return Bulyan(**sampling, num_malicious_nodes=f.byzantine)
     return FedAvg(**sampling)
+
+
+# Strategies whose BatchNorm statistics are the coordinate-wise median of the sites': FedMedian's
+# own rule, and the rule for Krum, MultiKrum and Bulyan, which select or trim whole updates by
+# distances computed on the parameters alone (the statistics never enter them), so an
+# example-weighted mean would let one site move the statistics as far as it likes.
+MEDIAN_STATISTICS = (FedMedian, MultiKrum, Bulyan)  # Krum is a MultiKrum
 
 
 @dataclass
@@ -117,8 +136,8 @@ def aggregate_statistics(records: list[RecordDict], *, keys: set[str], strategy:
                          ) -> ArrayRecord:
     """BatchNorm statistics of the replies, by the rule of the robust strategy in use: a site
     that could move the parameters only by a median or trimmed mean must not move the
-    statistics further by a plain average."""
-    if not isinstance(strategy, (FedMedian, FedTrimmedAvg)):
+    statistics further by a plain average (Krum, MultiKrum, Bulyan: the median)."""
+    if not isinstance(strategy, (*MEDIAN_STATISTICS, FedTrimmedAvg)):
         return aggregate_arrayrecords(
             [RecordDict({"arrays": ArrayRecord({k: r["arrays"][k] for k in keys}),
                          "metrics": r["metrics"]}) for r in records],
@@ -127,7 +146,7 @@ def aggregate_statistics(records: list[RecordDict], *, keys: set[str], strategy:
     result = ArrayRecord()
     for key in sorted(keys):
         stacked = np.stack([r["arrays"][key].numpy() for r in records])
-        if isinstance(strategy, FedMedian):
+        if isinstance(strategy, MEDIAN_STATISTICS):
             result[key] = Array(np.asarray(np.median(stacked, axis=0)))
         else:
             result[key] = Array(np.asarray(trim_mean(stacked, strategy.beta)))
@@ -193,7 +212,7 @@ class MedfedStrategy(Strategy):
         return self.rounds[server_round]
 
     def _config(self, config: ConfigRecord) -> ConfigRecord:
-        return ConfigRecord({**config, **self.round_config, "lr": self.schedule.lr})
+        return messages.with_learning_rate(config, self.round_config, self.schedule.lr)
 
     def _note_sent(self, messages: Iterable[Message], arrays: ArrayRecord) -> list[Message]:
         messages = list(messages)
@@ -295,15 +314,28 @@ class MedfedStrategy(Strategy):
                 reply.content["arrays"] = ArrayRecord(
                     {k: a for k, a in reply.content["arrays"].items() if k not in self.statistic_keys}
                 )
+        if isinstance(self.inner, MultiKrum) and not isinstance(self.inner, Krum):
+            self.inner.num_nodes_to_select = max(1, len(valid) - self.inner.num_malicious_nodes)
+        if isinstance(self.inner, Bulyan) and len(valid) < 4 * self.inner.num_malicious_nodes + 3:
+            log.warning("round %d: Bulyan needs %d accepted updates (4f + 3, f = %d), got %d; the "
+                        "global model is left unchanged this round", server_round,
+                        4 * self.inner.num_malicious_nodes + 3, self.inner.num_malicious_nodes,
+                        len(valid))
         parameters, metrics = self.inner.aggregate_train(server_round, valid)
         if parameters is None:
             return None, metrics
         merged = {**parameters, **(statistics or {})}
         # Keep the model's dtypes: server optimizers compute in float64.
-        arrays = ArrayRecord({
-            k: Array(np.asarray(merged[k].numpy(), dtype=self._dtypes[k])) for k in self._dtypes
-        })
-        return arrays, metrics
+        values = {k: np.asarray(merged[k].numpy(), dtype=self._dtypes[k]) for k in self._dtypes}
+        if not all(np.isfinite(value).all() for value in values.values()):
+            # Every accepted update is finite, but a sum inside the aggregation can still overflow:
+            # FedTrimmedAvg and Bulyan add float32 updates near float32's limit before dividing.
+            log.warning("round %d: the aggregate is not finite; the global model is left unchanged "
+                        "this round", server_round)
+            record.failures.append("aggregate: not finite (accepted updates near float32's "
+                                   "limit); the global model is left unchanged this round")
+            return None, metrics
+        return ArrayRecord({k: Array(value) for k, value in values.items()}), metrics
 
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                            grid: Grid) -> Iterable[Message]:
@@ -321,15 +353,26 @@ class MedfedStrategy(Strategy):
         self._sent = {}
         return self._note_sent(messages, arrays)
 
-    def collect_evaluation(self, replies: Iterable[Message], record: RoundRecord) -> None:
+    def collect_evaluation(self, replies: Iterable[Message], record: RoundRecord) -> list[Message]:
+        """Keep each readable evaluation reply's metrics in `record` and return those replies; an
+        error reply, or one the report could not read, is a failure of that site this round."""
+        replies = list(replies)
         for reply in replies:
             if reply.has_error():
                 record.failures.append(f"{site_name(reply, self.registry)}: {reply.error.reason}")
-                continue
-            name = site_name(reply, self.registry)
+        kept, rejections = screen_evaluation(
+            [(site_name(r, self.registry), r) for r in replies if not r.has_error()],
+            sites=self.expected_sites, num_classes=len(self.round_config["classes"]),
+            max_examples=self.max_examples, registry=self.registry,
+        )
+        for rejection in rejections:
+            log.warning("round %d: evaluation reply rejected: %s", record.round, rejection)
+            record.failures.append(f"{rejection.site}: evaluation reply rejected: {rejection.reason}")
+        for name, reply in kept:
             record.evaluate[name] = dict(reply.content["metrics"].items())
             record.bytes_down[name] = record.bytes_down.get(name, 0) + self._sent.get(
                 reply.metadata.src_node_id, 0)
+        return [reply for _, reply in kept]
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
         server_round += self.round_offset
@@ -337,8 +380,9 @@ class MedfedStrategy(Strategy):
         if server_round not in self.rounds:
             return None
         record = self.record(server_round)
-        self.collect_evaluation(replies, record)
-        aggregated = self.inner.aggregate_evaluate(server_round, replies)
+        # Only readable replies reach Flower, which ends the run when the replies' keys differ.
+        aggregated = self.inner.aggregate_evaluate(server_round,
+                                                   self.collect_evaluation(replies, record))
         val_loss = float(aggregated["val-loss"]) if aggregated and "val-loss" in aggregated else float("nan")
         record.val_loss = val_loss
         if self.schedule.step(server_round, val_loss) or self.best_arrays is None:

@@ -28,6 +28,7 @@ import tomli_w
 import yaml
 
 from medfed.common.config import Config, load_yaml, parse_assignment, set_value, study_classes, validate
+from medfed.common.config import check_deployment
 from medfed.common.errors import MedfedError
 from medfed.common.files import write_json
 from medfed.common.model import check_model, native_input_size
@@ -121,6 +122,7 @@ def prepare(*, config_file: Path | None, assignments: list[str], certs: Path | N
     if not 1 <= min_sites <= len(sites):
         raise MedfedError(f"--min-sites {min_sites}: must be between 1 and the {len(sites)} sites "
                           f"in {sites_file}")
+    check_deployment(config, sites=len(sites), min_sites=min_sites)
     if not 1 <= port <= 65535:
         raise MedfedError(f"--port {port}: must be between 1 and 65535")
     nginx_executable()

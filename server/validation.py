@@ -17,9 +17,19 @@ from dataclasses import dataclass, field
 import numpy as np
 from flwr.app import ArrayRecord, Message, RecordDict
 
-WEIGHT_KEY = "num-examples"
-LOSS_KEY = "train-loss"
-TRAIN_METRICS = frozenset({WEIGHT_KEY, LOSS_KEY})
+from medfed.common.dataset import SPLITS
+from medfed.common.messages import EVALUATED_SPLITS, TRAIN_LOSS, WEIGHT_KEY, declared_name
+from medfed.common.metrics import SCALARS
+
+TRAIN_METRICS = frozenset({WEIGHT_KEY, TRAIN_LOSS})
+# An evaluation reply's one MetricRecord, as sites send it (common/messages.evaluation_metrics):
+# Flower averages it across sites (and ends the run when the replies' keys differ), the report
+# reads its confusion matrices and histograms back (messages.split_metrics, label_histograms).
+EVALUATION_METRICS = frozenset({
+    WEIGHT_KEY,
+    *(f"{split}-{name}" for split in EVALUATED_SPLITS for name in (*SCALARS, "loss", "confusion")),
+    *(f"{split}-histogram" for split in SPLITS),
+})
 # Names a reply may list in one line: a rejection reason stays readable whatever the site sent.
 SHOWN = 3
 
@@ -45,14 +55,6 @@ class Rejection:
         return f"{self.site}: {self.reason}"
 
 
-def declared_name(reply: Message) -> str | None:
-    """The site name a reply gives for itself, if it gives one."""
-    if reply.has_content() and "site" in reply.content.config_records:
-        name = reply.content.config_records["site"].get("name")
-        return None if name is None else str(name)
-    return None
-
-
 def screen(replies: Sequence[tuple[str, Message]], reference: RoundReference
            ) -> tuple[list[tuple[str, Message]], list[Rejection]]:
     """Split a round's (site name, reply) pairs, error replies left out by the caller, into those
@@ -62,10 +64,7 @@ def screen(replies: Sequence[tuple[str, Message]], reference: RoundReference
     for name, reply in replies:
         reason = (
             identity_problem(name, reply, reference)
-            # Two replies under one name cannot both be genuine and neither can be told apart:
-            # keeping one would let whoever answers first speak for the hospital.
-            or (f"{counts[name]} replies under this name this round; all rejected"
-                if counts[name] > 1 else None)
+            or _repeated(counts[name])
             or content_problem(reply.content, reference, declared=reference.declared.get(name))
         )
         if reason:
@@ -78,6 +77,35 @@ def screen(replies: Sequence[tuple[str, Message]], reference: RoundReference
     )
     rejected += [Rejection(name, outliers[name]) for name, _ in kept if name in outliers]
     return [(name, reply) for name, reply in kept if name not in outliers], rejected
+
+
+def screen_evaluation(replies: Sequence[tuple[str, Message]], *, sites: Collection[str],
+                      num_classes: int, max_examples: int, registry: Mapping[int, str] | None = None
+                      ) -> tuple[list[tuple[str, Message]], list[Rejection]]:
+    """Split a round's (site name, evaluation reply) pairs, error replies left out by the caller,
+    into those the aggregate and the report can read and the rejections: the same identity rules
+    as training replies, and the metric record `evaluation_problem` accepts."""
+    reference = RoundReference(arrays={}, sites=sites, max_examples=max_examples, norm_factor=0.0,
+                               registry=registry)
+    counts = Counter(name for name, _ in replies)
+    kept, rejected = [], []
+    for name, reply in replies:
+        reason = (
+            identity_problem(name, reply, reference)
+            or _repeated(counts[name])
+            or evaluation_problem(reply.content, num_classes=num_classes, cap=max_examples)
+        )
+        if reason:
+            rejected.append(Rejection(name, reason))
+        else:
+            kept.append((name, reply))
+    return kept, rejected
+
+
+def _repeated(count: int) -> str | None:
+    # Two replies under one name cannot both be genuine and neither can be told apart: keeping
+    # one would let whoever answers first speak for the hospital.
+    return f"{count} replies under this name this round; all rejected" if count > 1 else None
 
 
 def identity_problem(name: str, reply: Message, reference: RoundReference) -> str | None:
@@ -103,9 +131,9 @@ def content_problem(content: RecordDict, reference: RoundReference, *,
     metrics = content.metric_records["metrics"]
     if problem := key_problem("metrics", got=set(metrics), expected=TRAIN_METRICS):
         return problem
-    loss = metrics[LOSS_KEY]
-    if isinstance(loss, list) or not math.isfinite(loss):
-        return f"{LOSS_KEY} is {loss!r}, not a finite number"
+    loss = metrics[TRAIN_LOSS]
+    if not _finite_number(loss):
+        return f"{TRAIN_LOSS} is {loss!r}, not a finite number"
     if problem := examples_problem(metrics[WEIGHT_KEY], declared=declared, cap=reference.max_examples):
         return problem
     arrays = content.array_records["arrays"]
@@ -128,6 +156,66 @@ def content_problem(content: RecordDict, reference: RoundReference, *,
     return None
 
 
+def evaluation_problem(content: RecordDict, *, num_classes: int, cap: int) -> str | None:
+    """What is wrong with an evaluation reply's metric record, if anything: its keys, a scalar
+    that is not a rate in [0, 1] (NaN where undefined) or a loss >= 0, a confusion matrix or label
+    histogram of the wrong length or with values that are not counts, a matrix whose rows do not
+    add up to the split's histogram, or `num-examples` other than the validation split's size."""
+    if set(content.metric_records) != {"metrics"}:
+        return f"expected one MetricRecord 'metrics', got {_names(content.metric_records)}"
+    metrics = content.metric_records["metrics"]
+    if problem := key_problem("metrics", got=set(metrics), expected=EVALUATION_METRICS):
+        return problem
+    if problem := examples_problem(metrics[WEIGHT_KEY], declared=None, cap=cap):
+        return problem
+    for split in EVALUATED_SPLITS:
+        for name in (*SCALARS, "loss"):
+            if problem := _score_problem(f"{split}-{name}", metrics[f"{split}-{name}"],
+                                         rate=name != "loss"):
+                return problem
+    histograms = {}
+    for split in SPLITS:
+        key = f"{split}-histogram"
+        if problem := _counts_problem(key, metrics[key], length=num_classes, cap=cap):
+            return problem
+        histograms[split] = list(metrics[key])
+    for split in EVALUATED_SPLITS:
+        key = f"{split}-confusion"
+        if problem := _counts_problem(key, metrics[key], length=num_classes ** 2, cap=cap):
+            return problem
+        matrix = list(metrics[key])
+        rows = [sum(matrix[i * num_classes:(i + 1) * num_classes]) for i in range(num_classes)]
+        if rows != histograms[split]:
+            return (f"{key} counts {rows} examples per true class, but {split}-histogram "
+                    f"says {histograms[split]}")
+    if metrics[WEIGHT_KEY] != sum(histograms["val"]):
+        return (f"{WEIGHT_KEY} is {metrics[WEIGHT_KEY]!r}, but val-histogram counts "
+                f"{sum(histograms['val'])} validation examples")
+    return None
+
+
+def _score_problem(key: str, value, *, rate: bool) -> str | None:
+    wanted = "a rate from 0 to 1 (NaN where undefined)" if rate else "a loss of 0 or more (or NaN)"
+    if isinstance(value, list):
+        return f"{key} is a list, not {wanted}"
+    try:
+        number = float(value)
+    except OverflowError:
+        return f"{key} is too large a number, not {wanted}"
+    if math.isnan(number) or (0 <= number <= 1 if rate else 0 <= number < math.inf):
+        return None
+    return f"{key} is {value!r}, not {wanted}"
+
+
+def _counts_problem(key: str, value, *, length: int, cap: int) -> str | None:
+    if not isinstance(value, list) or len(value) != length:
+        got = f"{len(value)} values" if isinstance(value, list) else repr(value)
+        return f"{key} must list {length} counts, got {got}"
+    if not all(isinstance(v, int) and 0 <= v <= cap for v in value):
+        return f"{key} holds a value that is not a whole count from 0 to {cap}"
+    return None
+
+
 def key_problem(what: str, *, got: set[str], expected: Collection[str]) -> str | None:
     missing, extra = set(expected) - got, got - set(expected)
     parts = ([f"missing {what} {_names(missing)}"] if missing else []) + (
@@ -138,7 +226,7 @@ def key_problem(what: str, *, got: set[str], expected: Collection[str]) -> str |
 def examples_problem(value, *, declared: int | None, cap: int) -> str | None:
     """`num-examples` weighs a site in the average: it must be a plausible count, at most what the
     site declared earlier (`declared`, when known) and at most `cap`."""
-    if isinstance(value, list) or not math.isfinite(value):
+    if not _finite_number(value):
         return f"{WEIGHT_KEY} is {value!r}, not a finite number"
     if value != int(value):
         return f"{WEIGHT_KEY} is {value!r}, not a whole number"
@@ -149,6 +237,17 @@ def examples_problem(value, *, declared: int | None, cap: int) -> str | None:
     if value > cap:
         return f"{WEIGHT_KEY} is {value!r}, more than federation.max_examples={cap}"
     return None
+
+
+def _finite_number(value) -> bool:
+    """A single number that converts to a finite float (a metric may be a list, and an int
+    beyond float range, which only a hostile site sends, overflows math.isfinite)."""
+    if isinstance(value, list):
+        return False
+    try:
+        return math.isfinite(value)
+    except OverflowError:
+        return False
 
 
 def update_norm(arrays: ArrayRecord, reference: Mapping[str, np.ndarray]) -> float:

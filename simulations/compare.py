@@ -16,7 +16,6 @@ Outputs go to `<out>.incomplete`, renamed to `<out>` once the report exists: a d
 from __future__ import annotations
 
 import copy
-import shutil
 import time
 from pathlib import Path
 
@@ -26,8 +25,7 @@ import yaml
 
 from medfed.common.config import Config, comparison_plan, validate
 from medfed.common.dataset import LabelledImages, TransformedImages
-from medfed.common.errors import MedfedError
-from medfed.common.files import write_json
+from medfed.common.files import claim_run_dir, save_torch, write_json
 from medfed.common.inference import pick_device, predict
 from medfed.common.model import build_model, load_saved_model
 from medfed.common.splits import subsample
@@ -36,7 +34,18 @@ from medfed.simulations import baselines
 from medfed.simulations.evidence import RUNS_FILE, write_evidence
 from medfed.simulations.run import Prepared, prepare, run_federation, save_sites
 
+
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C during a comparison; `kept` is its unfinished `<out>.incomplete` directory, left
+    as it is."""
+
+    def __init__(self, kept: Path):
+        super().__init__(str(kept))
+        self.kept = kept
+
+
 def simulate(config: Config, *, progress=print, verbose: bool = False) -> tuple[Path, dict]:
+    """Run the comparison; Ctrl-C once `<out>.incomplete` exists raises `Interrupted`."""
     modes, seeds, fractions = comparison_plan(validate(config))
     folds = config.evidence.folds
     fold_list = [(i, folds) for i in range(folds)] if folds else [None]
@@ -46,13 +55,21 @@ def simulate(config: Config, *, progress=print, verbose: bool = False) -> tuple[
     config.data.image_size = first.config.data.image_size
     config.partition.sites = len(first.sites)
     out = Path(config.out) if config.out else _default_out(config)
-    if out.exists() and any(out.iterdir()):
-        raise MedfedError(f"output directory {out} already exists and is not empty; choose another --out")
+    staging = claim_run_dir(out)  # refuses, never deletes, what an earlier run left there
     config.out = str(out)
-    staging = out.with_name(out.name + ".incomplete")
-    shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir(parents=True)
     (staging / "config.yaml").write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
+    try:
+        return _compare(config, first, modes=modes, seeds=seeds, fold_list=fold_list,
+                        fractions=fractions, out=out, staging=staging, progress=progress,
+                        verbose=verbose)
+    except KeyboardInterrupt:
+        raise Interrupted(staging) from None
+
+
+def _compare(config: Config, first: Prepared, *, modes: list[str], seeds: list[int], fold_list: list,
+             fractions: list[float], out: Path, staging: Path, progress,
+             verbose: bool) -> tuple[Path, dict]:
+    folds = config.evidence.folds
     _announce(first, progress)
     started = time.perf_counter()
     runs = []
@@ -241,7 +258,7 @@ def _bytes(report: dict) -> dict:
 
 def _save_model(model, path: Path, *, config: Config) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    torch.save({"model": model.state_dict(), "config": config.to_dict()}, path)
+    save_torch(path, {"model": model.state_dict(), "config": config.to_dict()})
 
 
 def _announce(prepared: Prepared, progress) -> None:

@@ -28,6 +28,7 @@ from medfed.common.metrics import SCALARS, classification_metrics
 from medfed.common.model import OFFLINE_IMAGENET, build_model, count_parameters, load_saved_model
 from medfed.common.statistics import at_threshold, bootstrap_ci, mean_std, paired_comparison, youden_threshold
 from medfed.common.transforms import build_transform
+from medfed.simulations.attacks import describe as describe_attack
 from medfed.simulations.report_html import render_html, render_markdown
 
 RUNS_FILE = "runs.json"
@@ -77,6 +78,12 @@ def build_evidence(run_dir: Path, meta: dict) -> dict:
         })
     largest = max(meta["train_fractions"])
     final = [r for r in runs if r["fraction"] == largest]
+    # Site sizes with all their training data (the first run may use a fraction of it).
+    sites = next(r for r in meta["runs"] if r["fraction"] == largest)["sites"]
+    attack = describe_attack(config, list(sites))
+    for name in (attack or {}).get("sites", []):
+        # Reported, but flagged: an attacker's own numbers are not evidence about the method.
+        sites[name] = {**sites[name], "attacker": True}
     report = {
         "kind": "medfed-comparison",
         "config": meta["config"],
@@ -88,8 +95,8 @@ def build_evidence(run_dir: Path, meta: dict) -> dict:
         "train_fractions": meta["train_fractions"],
         "budget": _budget(config),
         "model_card": _model_card(config, num_classes=len(classes)),
-        # Site sizes with all their training data (the first run may use a fraction of it).
-        "sites": next(r for r in meta["runs"] if r["fraction"] == largest)["sites"],
+        "sites": sites,
+        "attack": attack,
         "runs": runs,
         "summary": _summary(final),
         "headline": _headline(final),

@@ -76,6 +76,11 @@ def partition(labels: np.ndarray, *, scheme: str, sites: int, alpha: float, labe
     Random schemes are redrawn (from the same seeded generator, so still reproducible) until every
     site holds at least `min_size` examples, as is usual for Dirichlet benchmarks; after `attempts`
     draws the caller gets the last one and decides."""
+    if sites < 1:
+        raise MedfedError(f"cannot partition into {sites} sites; use 1 or more")
+    if scheme in ("dirichlet", "quantity") and not (alpha > 0 and np.isfinite(alpha)):
+        # Dirichlet(inf) draws NaN shares, which silently put every example on the last site.
+        raise MedfedError(f"partition.alpha={alpha!r}: the {scheme} partition needs a finite alpha > 0")
     rng = np.random.default_rng(seed)
     draw = {
         "iid": lambda: iid(labels, sites=sites, rng=rng),

@@ -16,17 +16,18 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from medfed.client.app import app as client_app
 from medfed.client.site_data import simulated_site_name
-from medfed.common.config import Config, validate
+from medfed.common.config import Config, check_sites, validate
 from medfed.common.dataset import LabelledImages, load_splits, save_splits
-from medfed.common.errors import MedfedError
+from medfed.common.errors import MedfedError, few
+from medfed.common import messages
 from medfed.common.medmnist import data_dir, locate
 from medfed.common.medmnist_catalogue import DATASETS
 from medfed.common.model import check_model, native_input_size
 from medfed.common.sources import Loaded, discover, load
 from medfed.common.splits import split_indices
 from medfed.server.app import make_server_app
+from medfed.simulations import attacks
 from medfed.simulations.partition import partition
 
 MEDMNIST_IMAGE_SIZE = 64
@@ -49,22 +50,32 @@ class Prepared:
 def prepare(config: Config, *, fold: tuple[int, int] | None = None) -> Prepared:
     """Validate the config against the data and the model, and split the data into sites.
 
-    `fold=(i, k)`: each site's test split is its fold i of k (cross-validation)."""
+    `fold=(i, k)`: each site's test split is its fold i of k (cross-validation). With
+    `attack.kind: label-flip` the attacking sites' training labels are poisoned here, so every
+    mode trains on the same (poisoned) sites."""
     validate(config)
+    if config.partition.scheme != "natural":
+        check_sites(config, sites=config.partition.sites)  # before any data is read
     if config.data.path:
-        return _prepare_collection(config, fold=fold)
-    return _prepare_medmnist(config, fold=fold)
+        prepared = _prepare_collection(config, fold=fold)
+    else:
+        prepared = _prepare_medmnist(config, fold=fold)
+    check_sites(config, sites=len(prepared.sites))
+    prepared.sites = attacks.poison_labels(prepared.sites, config,
+                                           num_classes=len(prepared.dataset["classes"]))
+    return prepared
 
 
 def _prepare_medmnist(config: Config, *, fold: tuple[int, int] | None) -> Prepared:
     if config.data.image_size is None:
         config.data.image_size = MEDMNIST_IMAGE_SIZE
     path = locate(config.data.dataset, config.data.resolution, data_dir(config.data.data_dir))
-    official = load_splits(path)
-    if set(official) != {"train", "val", "test"}:
-        raise MedfedError(f"{path} lacks one of the official train/val/test splits")
     info = DATASETS[config.data.dataset]
     classes = info["labels"]
+    # Labels outside the dataset's classes are refused here, before training, naming the file.
+    official = load_splits(path, num_classes=len(classes), classes_of=f" of {config.data.dataset}")
+    if set(official) != {"train", "val", "test"}:
+        raise MedfedError(f"{path} lacks one of the official train/val/test splits")
     check_model(config.model, num_classes=len(classes), image_size=config.data.image_size,
                 seed=config.seed)
     pool = LabelledImages.pooled([official["train"], official["val"]])
@@ -143,6 +154,14 @@ def _partition(config: Config, labels: np.ndarray, *, patients: np.ndarray | Non
                ) -> list[np.ndarray]:
     """Indices of each simulated site; a patient's images always go to one site."""
     p = config.partition
+    if p.sites * p.min_examples > len(labels):
+        # No draw can work: refused at once, in one short line, before trying 100 partitions.
+        most = len(labels) // p.min_examples
+        raise MedfedError(
+            f"{p.sites:,} sites leave too few examples: each site needs partition.min_examples="
+            f"{p.min_examples}, and {len(labels):,} examples are shared out; "
+            + (f"use at most {most:,} --sites" if most >= 2 else "lower partition.min_examples")
+        )
     if patients is None:
         return partition(labels, scheme=p.scheme, sites=p.sites, alpha=p.alpha,
                          labels_per_site=p.labels_per_site, seed=config.seed, min_size=p.min_examples)
@@ -161,8 +180,8 @@ def _split_sites(config: Config, pool: LabelledImages, *, parts: list[np.ndarray
     small = [f"{name}: {len(part)}" for name, part in zip(names, parts) if len(part) < minimum]
     if small:
         raise MedfedError(
-            f"{len(parts)} sites leave too few examples for some of them ({', '.join(small)}; "
-            f"minimum partition.min_examples={minimum}) out of {len(pool)} examples; "
+            f"{len(parts):,} sites leave too few examples for {len(small):,} of them ({few(small)}; "
+            f"minimum partition.min_examples={minimum}) out of {len(pool):,} examples; "
             f"use fewer --sites or a larger --alpha"
         )
     sites = {}
@@ -200,17 +219,18 @@ def run_federation(prepared: Prepared, config: Config, *, run_dir: Path, sites_d
     server_app = make_server_app(
         config=config, run_dir=run_dir, dataset=prepared.dataset, expected_sites=list(prepared.sites),
         global_test=prepared.global_test, partition=prepared.partition,
-        site_config={"sites-dir": str(sites_dir.resolve()), "site-names": list(prepared.sites)},
+        simulated_sites=messages.simulated_sites(sites_dir.resolve(), list(prepared.sites)),
         progress=progress, resume=resume,
     )
-    _run_engine(server_app, config, num_sites=len(prepared.sites), verbose=verbose)
+    _run_engine(server_app, attacks.client_app(config, list(prepared.sites)), config,
+                num_sites=len(prepared.sites), verbose=verbose)
     report_path = run_dir / "report.json"
     if not report_path.is_file():
         raise MedfedError(f"the federated run ended without a report; see the log above ({run_dir} kept)")
     return json.loads(report_path.read_text())
 
 
-def _run_engine(server_app, config: Config, *, num_sites: int, verbose: bool) -> None:
+def _run_engine(server_app, client_app, config: Config, *, num_sites: int, verbose: bool) -> None:
     # Ray announces a future change of how it hides GPUs from CPU-only actors; medfed relies on
     # today's behaviour (sites given no GPU see none), so the notice is noise for users.
     warnings.filterwarnings("ignore", message=".*RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO.*")

@@ -10,6 +10,8 @@ from flwr.supercore.task_identity import TaskIdentity
 
 from medfed.common import wire
 from medfed.common.config import Config
+from medfed.common.messages import evaluation_metrics, round_config
+from medfed.common.metrics import SCALARS
 from medfed.common.model import build_model
 from medfed.server.schedule import PlateauSchedule
 from medfed.server.strategy import MedfedStrategy, make_flower_strategy
@@ -44,7 +46,7 @@ def make_strategy(name: str, *, bn="avg", sites=3, min_sites=1, wait_s=0.0, regi
         make_flower_strategy(config, num_sites=sites),
         statistic_keys=wire.statistic_keys(keys),
         schedule=PlateauSchedule(lr=config.train.lr, federation=config.federation),
-        round_config={"medfed-config": config.to_json(), "num-classes": 2},
+        round_config=round_config(config, classes=["normal", "pneumonia"]),
         expected_sites=[f"site-{i}" for i in range(sites)], min_sites=min_sites, wait_s=wait_s,
         norm_factor=config.federation.norm_factor, max_examples=config.federation.max_examples,
         registry=registry,
@@ -143,9 +145,18 @@ def test_local_batchnorm_never_travels():
     assert wire.statistic_keys(keys) == []
 
 
+def full_evaluation(*, n: int, val_loss: float, train_histogram=(30, 20)) -> MetricRecord:
+    """A complete two-class evaluation record, as a site sends it, with `n` validation examples
+    (the server rejects an incomplete or inconsistent one)."""
+    val = [n // 2, n - n // 2]
+    results = {split: {**{name: 0.5 for name in SCALARS}, "loss": val_loss,
+                       "confusion_matrix": [[val[0], 0], [0, val[1]]]} for split in ("val", "test")}
+    return evaluation_metrics(results, histograms={"train": list(train_histogram), "val": val,
+                                                   "test": val}, num_examples=n)
+
+
 def evaluation_reply(message: Message, *, site: str, val_loss: float, n: int) -> Message:
-    metrics = {"num-examples": n, "val-loss": val_loss}
-    return Message(content=RecordDict({"metrics": MetricRecord(metrics),
+    return Message(content=RecordDict({"metrics": full_evaluation(n=n, val_loss=val_loss),
                                        "site": ConfigRecord({"name": site})}), reply_to=message)
 
 
@@ -161,7 +172,7 @@ def test_early_stopping_keeps_best_arrays_and_stops_sampling():
         arrays = perturbed(arrays, scale=0.1, seed=rnd)
         evaluated.append(arrays)
         messages = list(strategy.configure_evaluate(rnd, arrays, ConfigRecord(), grid))
-        strategy.aggregate_evaluate(rnd, [evaluation_reply(m, site=f"s{i}", val_loss=loss, n=5)
+        strategy.aggregate_evaluate(rnd, [evaluation_reply(m, site=f"site-{i}", val_loss=loss, n=5)
                                           for i, m in enumerate(messages)])
     assert strategy.schedule.best_round == 2
     assert strategy.schedule.stopped_at == 4

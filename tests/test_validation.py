@@ -12,7 +12,7 @@ from flwr.app import (
     Array, ArrayRecord, ConfigRecord, Error, Message, MessageType, MetricRecord, RecordDict,
 )
 # task_identity is test_strategy's autouse fixture: imported, it applies here too.
-from test_strategy import MockGrid, make_strategy, perturbed, task_identity
+from test_strategy import MockGrid, full_evaluation, make_strategy, perturbed, task_identity
 
 from medfed.common import wire
 from medfed.common.config import Config, validate
@@ -255,7 +255,7 @@ def test_norm_outliers_need_three_replies_and_a_scale():
 
 
 def evaluation_reply(message: Message, *, site: str, train_histogram: list[int]) -> Message:
-    metrics = MetricRecord({"num-examples": 5, "val-loss": 0.5, "train-histogram": train_histogram})
+    metrics = full_evaluation(n=5, val_loss=0.5, train_histogram=train_histogram)
     return Message(RecordDict({"metrics": metrics, "site": ConfigRecord({"name": site})}),
                    reply_to=message)
 
