@@ -106,6 +106,9 @@ def prepare(*, config_file: Path | None, assignments: list[str], certs: Path | N
                 seed=config.seed)
     if resume is None:
         run_dir = out or Path(config.out or f"runs/study-{time.strftime('%Y%m%d-%H%M%S')}")
+        if run_dir.exists() and not run_dir.is_dir():
+            raise MedfedError(f"--out {run_dir} is an existing file; give a folder that does not "
+                              f"exist yet")
         if run_dir.exists() and any(run_dir.iterdir()):
             raise MedfedError(f"run directory {run_dir} already exists and is not empty; choose another "
                               f"--out, or continue it with --resume {run_dir}")

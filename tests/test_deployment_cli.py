@@ -60,6 +60,7 @@ def test_bad_server_input_is_one_error_line(setup, tmp_path):
     study, certs = str(setup / "study.yaml"), str(setup / "certs")
     (tmp_path / "taken").mkdir()
     (tmp_path / "taken" / "report.json").write_text("{}")
+    (tmp_path / "notes.txt").write_text("mine")
     cases = [
         ([], "--config is required"),
         (["--config", study, "--insecure", "--certs", certs], "leave out --certs"),
@@ -70,6 +71,7 @@ def test_bad_server_input_is_one_error_line(setup, tmp_path):
         (["--config", study, "--certs", certs, "--min-sites", "3"], "--min-sites 3"),
         (["--config", study, "--certs", certs, "--wait-sites", "soon"], "--wait-sites"),
         (["--config", study, "--certs", certs, "--out", str(tmp_path / "taken")], "already exists"),
+        (["--config", study, "--certs", certs, "--out", str(tmp_path / "notes.txt")], "existing file"),
         (["--resume", str(tmp_path / "taken")], "no config.yaml"),
         (["--resume", str(tmp_path / "taken"), "--config", study], "leave out --config"),
     ]
