@@ -35,27 +35,11 @@ def fail(exc: Exception, *, code: int) -> NoReturn:
     raise typer.Exit(code) from None
 
 
-# What `medfed --version` reports: medfed and the libraries whose versions change its results.
-VERSION_PACKAGES = ("medfed", "flwr", "torch", "timm", "opacus")
-
-
-def versions() -> list[str]:
-    """`name version` lines from the installed packages' metadata (nothing heavy is imported)."""
-    from importlib import metadata
-    import platform
-
-    lines = []
-    for name in VERSION_PACKAGES:
-        try:
-            lines.append(f"{name} {metadata.version(name)}")
-        except metadata.PackageNotFoundError:
-            lines.append(f"{name} not installed")
-    return [*lines, f"python {platform.python_version()}"]
-
-
 def print_version(value: bool) -> None:
     if value:
-        typer.echo("\n".join(versions()))
+        from medfed.common.versions import versions
+
+        typer.echo("\n".join(f"{name} {found}" for name, found in versions().items()))
         raise typer.Exit()
 
 

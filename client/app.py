@@ -16,7 +16,7 @@ from flwr.app import Context, Message, RecordDict
 from flwr.clientapp import ClientApp
 
 from medfed.client.site_data import load_site, locate_site
-from medfed.client.training import train_local
+from medfed.common.training import train_local
 from medfed.common import messages, wire
 from medfed.common.config import Config
 from medfed.common.inference import evaluate, pick_device

@@ -63,3 +63,13 @@ def _auc(y_true: np.ndarray, probs: np.ndarray) -> float | None:
         scores = [skm.roc_auc_score(y_true == c, probs[:, c]) for c in present]
         return float(np.mean(scores))
     return skm.roc_auc_score(y_true, probs, multi_class="ovr", average="macro")
+
+
+MISSING = "n/a"
+
+
+def format_number(value: float | None, digits: int = 3) -> str:
+    """A metric as every report prints it; a missing or non-finite one as `n/a`."""
+    if value is None or not np.isfinite(value):
+        return MISSING
+    return f"{value:.{digits}f}"

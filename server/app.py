@@ -20,11 +20,11 @@ from medfed.common.dataset import LabelledImages
 from medfed.common.errors import MedfedError
 from medfed.common.files import save_torch
 from medfed.common.inference import evaluate, pick_device
-from medfed.common.metrics import SCALARS
+from medfed.common.metrics import SCALARS, format_number
 from medfed.common.model import build_model, count_parameters
 from medfed.common.transforms import build_transform
 from medfed.server.report import build_report, write_report
-from medfed.server.schedule import PlateauSchedule
+from medfed.common.schedule import PlateauSchedule
 from medfed.server.checkpoint import CHECKPOINT, load_checkpoint, save_checkpoint
 from medfed.server.strategy import (
     MedfedStrategy, RegisteredNodes, RoundRecord, make_flower_strategy, site_name,
@@ -106,8 +106,8 @@ def run_server(
             result = global_metrics(arrays)
             strategy.record(server_round).global_test = result
             if server_round:
-                progress(f"round {server_round:>3} | global test AUC {_num(result['auc'])} "
-                         f"accuracy {_num(result['accuracy'])} | {time.perf_counter() - started:6.1f} s")
+                progress(f"round {server_round:>3} | global test AUC {format_number(result['auc']):>5} "
+                         f"accuracy {format_number(result['accuracy']):>5} | {time.perf_counter() - started:6.1f} s")
         if server_round:
             save_checkpoint(run_dir, server_round=server_round,
                             arrays={k: a.numpy() for k, a in arrays.items()},
@@ -191,10 +191,6 @@ def _site_names(grid: Grid, *, round_config: dict,
     ]
     replies = grid.send_and_receive(messages, timeout=60.0)
     return {r.metadata.src_node_id: site_name(r, registry) for r in replies if not r.has_error()}
-
-
-def _num(value) -> str:
-    return "  n/a" if value is None else f"{value:.3f}"
 
 
 def _report_progress(event: str, record: RoundRecord, progress, config: Config) -> None:

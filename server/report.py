@@ -4,30 +4,15 @@ from __future__ import annotations
 
 import csv
 import json
-import platform
-from importlib import metadata
 from pathlib import Path
 
 import numpy as np
 
 from medfed.common.dataset import SPLITS
-from medfed.common.metrics import SCALARS
 from medfed.common.messages import EVALUATED_SPLITS, clean, label_histograms, split_metrics
+from medfed.common.metrics import SCALARS, format_number
+from medfed.common.versions import versions
 from medfed.server.strategy import RoundRecord
-
-PACKAGES = ("medfed", "torch", "torchvision", "timm", "flwr", "numpy", "scikit-learn", "scipy",
-            "albumentations", "ray")
-
-
-def versions() -> dict[str, str]:
-    found = {"python": platform.python_version()}
-    for name in PACKAGES:
-        try:
-            found[name] = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            found[name] = "not installed"
-    return found
-
 
 def site_summary(raw: dict) -> dict:
     histograms = label_histograms(raw)
@@ -125,19 +110,15 @@ def _write_csv(path: Path, report: dict) -> None:
                              **report["final"]["global"]})
 
 
-def _fmt(value, digits: int = 3) -> str:
-    return "n/a" if value is None else f"{value:.{digits}f}"
-
-
 def metrics_table(rows: dict[str, dict]) -> list[str]:
     """Markdown table: one row per site (or 'global'), the clinical metrics as columns."""
     lines = ["| | n | accuracy | balanced acc. | sensitivity | specificity | precision | F1 | AUC |",
              "|---|---|---|---|---|---|---|---|---|"]
     for name, m in rows.items():
         lines.append(
-            f"| {name} | {m['n']} | {_fmt(m['accuracy'])} | {_fmt(m['balanced_accuracy'])} | "
-            f"{_fmt(m['recall'])} | {_fmt(m['specificity'])} | {_fmt(m['precision'])} | "
-            f"{_fmt(m['f1'])} | {_fmt(m['auc'])} |"
+            f"| {name} | {m['n']} | {format_number(m['accuracy'])} | {format_number(m['balanced_accuracy'])} | "
+            f"{format_number(m['recall'])} | {format_number(m['specificity'])} | {format_number(m['precision'])} | "
+            f"{format_number(m['f1'])} | {format_number(m['auc'])} |"
         )
     return lines
 
@@ -181,8 +162,8 @@ def render_markdown(report: dict) -> str:
         losses = [v["loss"] for v in r["train"].values()]
         g = r["global_test"] or {}
         lines.append(
-            f"| {r['round']} | {r['lr']:.2e} | {_fmt(float(np.mean(losses)) if losses else None)} | "
-            f"{_fmt(r['val_loss'])} | {_fmt(g.get('auc'))} | {_fmt(g.get('accuracy'))} | "
+            f"| {r['round']} | {r['lr']:.2e} | {format_number(float(np.mean(losses)) if losses else None)} | "
+            f"{format_number(r['val_loss'])} | {format_number(g.get('auc'))} | {format_number(g.get('accuracy'))} | "
             f"{len(r['rejected'])} |"
         )
     up = [sum(r["sites"].values()) for r in comm["bytes_up_per_round"] if r["sites"]]

@@ -41,7 +41,7 @@ from medfed.common import messages
 from medfed.common.config import BYZANTINE_MINIMUM, Config, check_sites
 from medfed.common.messages import WEIGHT_KEY, declared_name
 from medfed.common.wire import record_bytes
-from medfed.server.schedule import PlateauSchedule
+from medfed.common.schedule import PlateauSchedule
 from medfed.server.validation import RoundReference, screen, screen_evaluation
 
 log = logging.getLogger("medfed")

@@ -20,12 +20,12 @@ from sklearn.preprocessing import StandardScaler
 from sklearn.svm import SVC
 from torch import nn
 
-from medfed.client.training import train_local
+from medfed.common.training import train_local
 from medfed.common.config import Config
 from medfed.common.dataset import LabelledImages, TransformedImages
 from medfed.common.inference import evaluate
 from medfed.common.transforms import build_transform
-from medfed.server.schedule import PlateauSchedule
+from medfed.common.schedule import PlateauSchedule
 
 CLASSICAL = ("svm-pixels", "rf-pixels", "svm-cnn", "rf-cnn")
 # Side of the downsampled image whose pixels feed the classical models (the seed paper's SVM/RF

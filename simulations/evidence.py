@@ -10,7 +10,6 @@ report without training anything.
 from __future__ import annotations
 
 import json
-from importlib.metadata import version
 from pathlib import Path
 
 import cv2
@@ -23,12 +22,15 @@ from medfed.common.config import from_dict
 from medfed.common.dataset import load_splits
 from medfed.common.errors import MedfedError
 from medfed.common.files import write_atomic, write_json
-from medfed.common.gradcam import grad_cam, overlay
 from medfed.common.metrics import SCALARS, classification_metrics
 from medfed.common.model import OFFLINE_IMAGENET, build_model, count_parameters, load_saved_model
-from medfed.common.statistics import at_threshold, bootstrap_ci, mean_std, paired_comparison, youden_threshold
 from medfed.common.transforms import build_transform
+from medfed.common.versions import versions
 from medfed.simulations.attacks import describe as describe_attack
+from medfed.simulations.gradcam import grad_cam, overlay
+from medfed.simulations.statistics import (
+    at_threshold, bootstrap_ci, mean_std, paired_comparison, youden_threshold,
+)
 from medfed.simulations.report_html import render_html, render_markdown
 
 RUNS_FILE = "runs.json"
@@ -38,7 +40,6 @@ COMPARISONS = (("federated", "local"), ("federated", "centralized"), ("federated
 # Mode whose model Grad-CAM explains, in order of preference.
 GRADCAM_MODES = (("federated", "global_model.pt"), ("centralized", "model.pt"),
                  ("scratch", "global_model.pt"))
-VERSIONED = ("medfed", "torch", "timm", "flwr", "scikit-learn", "scipy", "albumentations", "pydicom")
 
 
 def rebuild(run_dir: str | Path) -> dict:
@@ -251,7 +252,7 @@ def _model_card(config, *, num_classes: int) -> dict:
         "freeze": config.model.freeze, "input_size": config.data.image_size,
         "mean": [float(x) for x in data_config["mean"]], "std": [float(x) for x in data_config["std"]],
         "equalize": config.data.equalize, "trainable_params": trainable, "total_params": total,
-        "versions": {name: version(name) for name in VERSIONED},
+        "versions": versions(),
     }
     return card
 

@@ -4,7 +4,7 @@ and a report.md with the same content.
 This module owns how the comparison is presented to clinicians and researchers: the order of the
 sections, the wording of their sentences, number formatting, and every plot. It computes nothing
 new about the models — every number comes from the report dict (whose statistics come from
-`medfed.common.statistics`) — except the mean ± standard deviation over runs per training
+`medfed.simulations.statistics`) — except the mean ± standard deviation over runs per training
 fraction for the data-efficiency curve.
 
 Both outputs are rendered from one list of blocks (headings, paragraphs, tables, plots, image
@@ -31,15 +31,15 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
 from medfed.common.dataset import SPLITS
+from medfed.common.metrics import MISSING, format_number
 from medfed.common.metrics import SCALARS as METRICS
-from medfed.common.statistics import format_p, mean_std
+from medfed.simulations.statistics import format_p, mean_std
 
 METRIC_HEADERS = {
     "accuracy": "Accuracy", "balanced_accuracy": "Balanced accuracy", "precision": "Precision",
     "recall": "Sensitivity", "specificity": "Specificity", "f1": "F1", "auc": "AUC",
 }
 GLOBAL = "global"
-MISSING = "n/a"
 DPI = 100
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 MODE_MEANINGS = {
@@ -166,26 +166,20 @@ def figures(report: dict) -> dict[str, bytes]:
 
 # --- formatting ----------------------------------------------------------------------------------
 
-def _num(value: float | None, digits: int = 3) -> str:
-    if value is None or not math.isfinite(value):
-        return MISSING
-    return f"{value:.{digits}f}"
-
-
 def _mean_std(cell: dict | None) -> str:
     if not cell or cell.get("mean") is None:
         return MISSING
     if cell.get("std") is None:
-        return _num(cell["mean"])
-    return f"{_num(cell['mean'])} ± {_num(cell['std'])}"
+        return format_number(cell["mean"])
+    return f"{format_number(cell['mean'])} ± {format_number(cell['std'])}"
 
 
 def _with_ci(value: float | None, ci: Sequence[float | None] | None) -> str:
     if value is None:
         return MISSING
     if not ci or ci[0] is None or ci[1] is None:
-        return _num(value)
-    return f"{_num(value)} ({_num(ci[0])}–{_num(ci[1])})"
+        return format_number(value)
+    return f"{format_number(value)} ({format_number(ci[0])}–{format_number(ci[1])})"
 
 
 def _p(p: float | None) -> str:
@@ -477,9 +471,9 @@ def _operating_table(found: list[tuple[str, dict]], *, site: str) -> Table | Non
         if not points:
             continue
         half, youden = points.get("at_0.5") or {}, points.get("at_youden") or {}
-        rows.append((label, _num(half.get("sensitivity")), _num(half.get("specificity")),
-                     _num(points.get("youden_threshold")), _num(youden.get("sensitivity")),
-                     _num(youden.get("specificity"))))
+        rows.append((label, format_number(half.get("sensitivity")), format_number(half.get("specificity")),
+                     format_number(points.get("youden_threshold")), format_number(youden.get("sensitivity")),
+                     format_number(youden.get("specificity"))))
     if not rows:
         return None
     return Table(
@@ -564,7 +558,7 @@ def _roc_drawer(report: dict, curves: list[tuple[str, dict]], *, title: str
             extra = others.index(label) if label in others else 0
             ax.plot(result["roc"]["fpr"], result["roc"]["tpr"],
                     color=_color(report, label, extra=extra),
-                    linestyle="--" if label in others else "-", label=f"{label} (AUC {_num(auc)})")
+                    linestyle="--" if label in others else "-", label=f"{label} (AUC {format_number(auc)})")
         ax.set(xlim=(0, 1), ylim=(0, 1.01), xlabel="1 − specificity (false positive rate)",
                ylabel="sensitivity (true positive rate)", title=f"ROC curves on {title}")
         ax.legend(loc="lower right")
@@ -638,17 +632,17 @@ def _history_table(histories: dict[str, list[dict]]) -> Table:
         aucs = [(h["global_auc"], h.get("round")) for h in history
                 if h.get("global_auc") is not None]
         best = max(aucs, key=lambda pair: pair[0]) if aucs else None
-        rows.append((mode, str(len(history)), _num(aucs[0][0]) if aucs else MISSING,
-                     _num(aucs[-1][0]) if aucs else MISSING,
-                     f"{_num(best[0])} (round {best[1]})" if best else MISSING,
-                     _num(history[-1].get("val_loss"))))
+        rows.append((mode, str(len(history)), format_number(aucs[0][0]) if aucs else MISSING,
+                     format_number(aucs[-1][0]) if aucs else MISSING,
+                     f"{format_number(best[0])} (round {best[1]})" if best else MISSING,
+                     format_number(history[-1].get("val_loss"))))
     return Table(("Mode", "Rounds or epochs", "First global AUC", "Last global AUC",
                   "Best global AUC", "Last validation loss"), tuple(rows),
                  "Learning curves in numbers")
 
 
 def _site_history_table(histories: dict[str, list[dict]], *, sites: list[str]) -> Table:
-    rows = tuple((mode, *(_num(((history[-1].get("sites") or {}).get(s) or {}).get("val_auc"))
+    rows = tuple((mode, *(format_number(((history[-1].get("sites") or {}).get(s) or {}).get("val_auc"))
                           for s in sites)) for mode, history in histories.items())
     return Table(("Mode", *sites), rows, "Validation AUC per site after the last round or epoch")
 
@@ -680,7 +674,7 @@ def _statistics_row(comparison: dict) -> tuple[str, ...]:
             else f"{difference:+.3f}",
             "/".join(str(comparison.get(k, 0)) for k in ("wins", "ties", "losses")),
             _p(comparison.get("wilcoxon_p")), _p(comparison.get("ttest_p")),
-            _num(comparison.get("cohens_dz")), _sentence(comparison.get("sentence") or ""))
+            format_number(comparison.get("cohens_dz")), _sentence(comparison.get("sentence") or ""))
 
 
 # --- section 7: data efficiency ------------------------------------------------------------------
@@ -904,7 +898,7 @@ def _model_card_section(report: dict) -> list[Block]:
 
 
 def _triple(values: Sequence[float] | None) -> str | None:
-    return None if values is None else ", ".join(_num(v) for v in values)
+    return None if values is None else ", ".join(format_number(v) for v in values)
 
 
 def _count_text(count: int | None) -> str | None:

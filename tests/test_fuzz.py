@@ -46,7 +46,7 @@ from medfed.common.messages import (
 )
 from medfed.common.metrics import SCALARS
 from medfed.server.report import build_report, render_markdown
-from medfed.server.schedule import PlateauSchedule
+from medfed.common.schedule import PlateauSchedule
 from medfed.server.strategy import MedfedStrategy, make_flower_strategy, site_name
 from medfed.simulations.partition import partition
 

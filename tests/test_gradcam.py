@@ -9,7 +9,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from medfed.common.gradcam import grad_cam, overlay
+from medfed.simulations.gradcam import grad_cam, overlay
 from medfed.common.model import freeze_stages
 
 

@@ -8,7 +8,7 @@ import torch
 from torch.nn.modules.batchnorm import _BatchNorm
 
 import medfed.common.model as model_module
-from medfed.client.training import train_local
+from medfed.common.training import train_local
 from medfed.common import wire
 from medfed.common.config import DataConfig, ModelConfig, TrainConfig
 from medfed.common.errors import MedfedError

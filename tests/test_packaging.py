@@ -114,7 +114,7 @@ def test_version_from_the_script_and_python_m(installed):
     # The libraries medfed runs with: the versions installed, from their metadata.
     for name, line in zip(("flwr", "torch", "timm", "opacus"), lines[1:5]):
         assert line == f"{name} {metadata.version(name)}"
-    assert lines[5] == f"python {platform.python_version()}"
+    assert lines[-1] == f"python {platform.python_version()}"
 
 
 def test_simulate_help_from_the_installed_script(installed):

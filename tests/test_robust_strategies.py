@@ -14,7 +14,7 @@ from test_validation import good_updates, train_reply
 
 from medfed.common import wire
 from medfed.common.errors import MedfedError
-from medfed.server.schedule import PlateauSchedule
+from medfed.common.schedule import PlateauSchedule
 from medfed.server.strategy import MedfedStrategy, make_flower_strategy
 
 

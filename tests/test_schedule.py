@@ -7,7 +7,7 @@ import math
 import pytest
 
 from medfed.common.config import FederationConfig
-from medfed.server.schedule import PlateauSchedule
+from medfed.common.schedule import PlateauSchedule
 
 
 def _schedule(*, lr=1.0, patience=0, lr_patience=2, lr_factor=0.5, min_lr=1e-6):

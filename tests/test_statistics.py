@@ -11,7 +11,7 @@ import pytest
 from scipy import stats
 
 from medfed.common.metrics import SCALARS, classification_metrics
-from medfed.common.statistics import (
+from medfed.simulations.statistics import (
     _batch_metrics,
     format_p,
     at_threshold,

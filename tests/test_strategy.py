@@ -13,7 +13,7 @@ from medfed.common.config import Config
 from medfed.common.messages import evaluation_metrics, round_config
 from medfed.common.metrics import SCALARS
 from medfed.common.model import build_model
-from medfed.server.schedule import PlateauSchedule
+from medfed.common.schedule import PlateauSchedule
 from medfed.server.strategy import MedfedStrategy, make_flower_strategy
 
 
