@@ -59,18 +59,8 @@ def screen(replies: Sequence[tuple[str, Message]], reference: RoundReference
            ) -> tuple[list[tuple[str, Message]], list[Rejection]]:
     """Split a round's (site name, reply) pairs, error replies left out by the caller, into those
     fit to aggregate and the rejections."""
-    counts = Counter(name for name, _ in replies)
-    kept, rejected = [], []
-    for name, reply in replies:
-        reason = (
-            identity_problem(name, reply, reference)
-            or _repeated(counts[name])
-            or content_problem(reply.content, reference, declared=reference.declared.get(name))
-        )
-        if reason:
-            rejected.append(Rejection(name, reason))
-        else:
-            kept.append((name, reply))
+    kept, rejected = _sort(replies, reference, lambda name, reply: content_problem(
+        reply.content, reference, declared=reference.declared.get(name)))
     outliers = norm_outliers(
         {name: update_norm(reply.content["arrays"], reference.arrays) for name, reply in kept},
         factor=reference.norm_factor,
@@ -87,14 +77,18 @@ def screen_evaluation(replies: Sequence[tuple[str, Message]], *, sites: Collecti
     as training replies, and the metric record `evaluation_problem` accepts."""
     reference = RoundReference(arrays={}, sites=sites, max_examples=max_examples, norm_factor=0.0,
                                registry=registry)
+    return _sort(replies, reference, lambda name, reply: evaluation_problem(
+        reply.content, num_classes=num_classes, cap=max_examples))
+
+
+def _sort(replies: Sequence[tuple[str, Message]], reference: RoundReference, problem
+          ) -> tuple[list[tuple[str, Message]], list[Rejection]]:
+    """(kept, rejected): the identity rules first, then `problem(name, reply)` on the content."""
     counts = Counter(name for name, _ in replies)
     kept, rejected = [], []
     for name, reply in replies:
-        reason = (
-            identity_problem(name, reply, reference)
-            or _repeated(counts[name])
-            or evaluation_problem(reply.content, num_classes=num_classes, cap=max_examples)
-        )
+        reason = (identity_problem(name, reply, reference) or _repeated(counts[name])
+                  or problem(name, reply))
         if reason:
             rejected.append(Rejection(name, reason))
         else:

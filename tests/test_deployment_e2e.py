@@ -29,7 +29,21 @@ from commands import MEDFED
 
 from medfed.common.dataset import load_splits, save_splits
 from medfed.common.processes import FlowerCommandError, flwr_json, free_port
+from medfed.common.errors import MedfedError
 from medfed.server.certs import init_certs
+from medfed.server.proxy import nginx_executable
+
+
+def _nginx_missing() -> str | None:
+    try:
+        nginx_executable()
+    except MedfedError as exc:
+        return str(exc)
+    return None
+
+
+# `medfed server start` needs nginx in front of the SuperLink; .ci/run installs it.
+pytestmark = pytest.mark.skipif(_nginx_missing() is not None, reason=str(_nginx_missing()))
 
 SITES = ["hospital-a", "hospital-b", "hospital-c"]
 STUDY = {
