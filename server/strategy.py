@@ -292,8 +292,7 @@ class MedfedStrategy(Strategy):
                            max_examples=self.max_examples, norm_factor=self.norm_factor,
                            declared=self._declared_examples(), registry=self.registry),
         )
-        for rejection in rejections:
-            log.warning("round %d: update rejected: %s", server_round, rejection)
+        # Shown by the progress callback (on_event below), in simulation and deployment alike.
         record.rejected = [str(rejection) for rejection in rejections]
         answered = {name for name, _ in accepted}
         record.missing = [s for s in self.expected_sites if s not in answered]
