@@ -19,7 +19,7 @@ $(BIN)/medfed: pyproject.toml
 install: $(BIN)/medfed
 
 demo: install
-	$(DATA_ENV) $(BIN)/medfed simulate --dataset breastmnist --resolution 64 --lr 1e-3
+	$(DATA_ENV) $(BIN)/medfed simulate --dataset breastmnist --resolution 64
 
 test: install
 	$(DATA_ENV) $(BIN)/python -m pytest -q

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import sys
 from pathlib import Path
 from typing import NoReturn, Optional
@@ -21,6 +22,8 @@ OPTION_KEYS = {
     "alpha": "partition.alpha", "backbone": "model.backbone", "weights": "model.weights",
     "freeze": "model.freeze", "bn": "model.bn", "optimizer": "train.optimizer", "lr": "train.lr",
     "batch_size": "train.batch_size", "local_epochs": "train.local_epochs",
+    "local_steps": "train.local_steps", "head_rounds": "federation.head_rounds",
+    "head_lr": "train.head_lr", "feature_views": "train.feature_views",
     "device": "train.device", "rounds": "federation.rounds", "strategy": "federation.strategy",
     "mu": "federation.mu", "seed": "seed", "out": "out", "equalize": "data.equalize",
     "compare": "evidence.compare", "seeds": "evidence.seeds", "folds": "evidence.folds",
@@ -74,10 +77,17 @@ def simulate(
     weights: Optional[str] = typer.Option(None, help="imagenet, none, or a checkpoint path."),
     freeze: Optional[str] = typer.Option(None, help="Stages frozen after the stem; 0 = none, all = head only."),
     bn: Optional[str] = typer.Option(None, help="BatchNorm policy: avg or local (FedBN)."),
-    strategy: Optional[str] = typer.Option(None, help="fedavg, fedprox, fedadam, fedyogi, fedmedian, fedtrimmedavg, krum, multikrum, bulyan."),
+    strategy: Optional[str] = typer.Option(None, help="fedavg, fedprox, fedadam, fedyogi, fedavgm, fedmedian, fedtrimmedavg, krum, multikrum, bulyan."),
     mu: Optional[float] = typer.Option(None, help="FedProx proximal weight."),
     rounds: Optional[int] = typer.Option(None, help="Federated rounds."),
     local_epochs: Optional[int] = typer.Option(None, help="Local epochs per round."),
+    local_steps: Optional[int] = typer.Option(
+        None, help="Optimizer steps per round at every site, whatever its size (instead of epochs)."),
+    head_rounds: Optional[int] = typer.Option(
+        None, help="First rounds that train the classifier alone on cached frozen features."),
+    head_lr: Optional[float] = typer.Option(None, help="Learning rate of the head rounds."),
+    feature_views: Optional[int] = typer.Option(
+        None, help="Augmented views per training image cached for the head rounds (0: plain image)."),
     optimizer: Optional[str] = typer.Option(None, help="adam or sgd."),
     lr: Optional[float] = typer.Option(None, help="Local learning rate."),
     batch_size: Optional[int] = typer.Option(None, help="Local batch size."),
@@ -102,6 +112,81 @@ def simulate(
     options = {k: v for k, v in locals().items() if k in OPTION_KEYS and v is not None}
     if clahe:
         options["equalize"] = "clahe"
+    with interrupt_guard(verbose) as progress:
+        try:
+            resolved = resolve_config(config, options, set_)
+            # Imported once the options are read: a bad option is refused without loading torch/Flower.
+            from medfed.simulations.compare import simulate as run_simulation
+
+            run_dir, report = run_simulation(resolved, progress=progress, verbose=verbose)
+        except KeyboardInterrupt as exc:
+            simulation_interrupted(getattr(exc, "kept", None))
+        except MedfedError as exc:
+            fail(exc, code=2)
+    print_summary(run_dir, report)
+
+
+INTERRUPTED = "interrupted; nothing is left running"
+
+
+def resolve_config(path: Optional[Path], options: dict, assignments: list[str]) -> Config:
+    """Defaults, then the YAML file, then the options, then --set (common/config.py)."""
+    resolved = load_yaml(path) if path else Config()
+    for name, value in options.items():
+        set_value(resolved, OPTION_KEYS[name], value, origin=f"--{name.replace('_', '-')}")
+    for assignment in assignments:
+        set_value(resolved, *parse_assignment(assignment))
+    return resolved
+
+
+@app.command()
+def bench(
+    config: Optional[Path] = typer.Option(None, help="YAML config: medfed's recipe (default: the defaults)."),
+    dataset: Optional[str] = typer.Option(None, help="MedMNIST 2D dataset, e.g. breastmnist."),
+    data_dir: Optional[str] = typer.Option(None, help="Folder with MedMNIST npz files (env MEDFED_DATA_DIR)."),
+    resolution: Optional[int] = typer.Option(None, help="MedMNIST file resolution: 28, 64, 128, 224."),
+    image_size: Optional[int] = typer.Option(None, help="Model input size in pixels."),
+    sites: Optional[int] = typer.Option(None, help="Number of simulated hospital sites."),
+    alpha: Optional[float] = typer.Option(None, help="Dirichlet concentration (smaller = more skew)."),
+    backbone: Optional[str] = typer.Option(None, help="timm model name (both recipes)."),
+    weights: Optional[str] = typer.Option(None, help="imagenet or a checkpoint path (both recipes)."),
+    rounds: Optional[int] = typer.Option(None, help="Federated rounds (both recipes)."),
+    lr: Optional[float] = typer.Option(None, help="Local learning rate of fine-tuning (both recipes)."),
+    local_steps: Optional[int] = typer.Option(None, help="Optimizer steps per round (both recipes)."),
+    seeds: str = typer.Option("0,1,2", help="Comma-separated seeds; each gets its own sites."),
+    out: Path = typer.Option(..., help="Folder for both recipes' runs and bench.json (must not exist)."),
+    set_: list[str] = typer.Option([], "--set", help="Override any config key: section.key=value."),
+    verbose: bool = typer.Option(False, help="Show Flower's and Ray's own logs."),
+) -> None:
+    """medfed's recipe against full-model FedAvg (every layer trained and sent) on the same sites
+    and seeds: AUC, bytes, time and memory side by side, with ratios."""
+    # --out is bench's own folder, not a run directory of the config.
+    options = {k: v for k, v in locals().items() if k in OPTION_KEYS and k != "out" and v is not None}
+    try:
+        seed_list = [int(s) for s in seeds.split(",") if s.strip()]
+        if not seed_list or min(seed_list) < 0:
+            raise ValueError(seeds)
+    except ValueError:
+        fail(MedfedError(f"--seeds {seeds!r}: expected comma-separated whole numbers of 0 or more, e.g. 0,1,2"),
+             code=2)
+    with interrupt_guard(verbose) as progress:
+        try:
+            resolved = resolve_config(config, options, set_)
+            from medfed.simulations.bench import bench as run_bench, table
+
+            result = run_bench(resolved, seeds=seed_list, out=out, progress=progress,
+                               verbose=verbose)
+        except KeyboardInterrupt as exc:
+            simulation_interrupted(getattr(exc, "kept", None))
+        except MedfedError as exc:
+            fail(exc, code=2)
+    typer.echo(table(result))
+    typer.echo(f"\nresults: {out / 'bench.json'}")
+
+
+@contextlib.contextmanager
+def interrupt_guard(verbose: bool):
+    """Ctrl-C during a simulation: said once, then quiet; yields the progress printer."""
     from medfed.common.processes import interrupt_once
 
     interrupted: list[bool] = []
@@ -116,24 +201,7 @@ def simulate(
             quiet_simulation_engine()
 
     with interrupt_once(INTERRUPTED, on_interrupt=on_interrupt):
-        try:
-            resolved = load_yaml(config) if config else Config()
-            for name, value in options.items():
-                set_value(resolved, OPTION_KEYS[name], value, origin=f"--{name.replace('_', '-')}")
-            for assignment in set_:
-                set_value(resolved, *parse_assignment(assignment))
-            # Imported once the options are read: a bad option is refused without loading torch/Flower.
-            from medfed.simulations.compare import simulate as run_simulation
-
-            run_dir, report = run_simulation(resolved, progress=progress, verbose=verbose)
-        except KeyboardInterrupt as exc:
-            simulation_interrupted(getattr(exc, "kept", None))
-        except MedfedError as exc:
-            fail(exc, code=2)
-    print_summary(run_dir, report)
-
-
-INTERRUPTED = "interrupted; nothing is left running"
+        yield progress
 
 
 def quiet_simulation_engine() -> None:

@@ -1,27 +1,33 @@
-"""The medfed ClientApp: Flower glue around `training.train_local` and `inference.evaluate`.
+"""The medfed ClientApp: Flower glue around common/training.py and common/inference.py.
 
 Everything a site needs to know arrives in the message (the resolved medfed config as JSON, the
-round's learning rate, FedProx's `proximal-mu`), so the same app runs under the Simulation Engine
-and on a SuperNode. Exceptions are left to Flower, which turns them into error replies that the
-strategy skips.
+round's learning rate and stage, FedProx's `proximal-mu`), so the same app runs under the
+Simulation Engine and on a SuperNode. One message per round: a training message is answered with
+the site's evaluation of the global model it received and its update trained from it. In the
+head stage both run on the site's cached frozen features (common/features.py). Exceptions are
+left to Flower, which turns them into error replies that the strategy skips.
 """
 
 from __future__ import annotations
 
 import copy
 import functools
+import resource
+import time
 import zlib
 
+import numpy as np
 from flwr.app import Context, Message, RecordDict
 from flwr.clientapp import ClientApp
 
-from medfed.client.site_data import load_site, locate_site
-from medfed.common.training import train_local
-from medfed.common import messages, wire
+from medfed.client.site_data import load_site, locate_site, state_dir
+from medfed.common import features, messages, wire
 from medfed.common.config import Config
-from medfed.common.inference import evaluate, pick_device
-from medfed.common.messages import ARRAYS, METRICS, SITE
+from medfed.common.inference import evaluate, evaluate_features, pick_device
+from medfed.common.messages import ARRAYS, EVALUATION, METRICS, SITE
 from medfed.common.model import build_model
+from medfed.common.schedule import HEAD, STAGES
+from medfed.common.training import train_head, train_local
 from medfed.common.transforms import build_transform
 
 app = ClientApp()
@@ -29,59 +35,99 @@ app = ClientApp()
 
 @functools.lru_cache(maxsize=2)
 def _template(config_json: str, num_classes: int):
-    """The model as the run's config builds it, and the keys it exchanges (both fixed per run)."""
+    """The model as the run's config builds it, and the keys each stage exchanges (fixed per run)."""
     config = Config.from_json(config_json)
     model = build_model(config.model, num_classes=num_classes, seed=config.seed)
-    return model, wire.exchanged_keys(model, bn=config.model.bn)
+    return model, {s: wire.exchanged_keys(model, bn=config.model.bn, stage=s) for s in STAGES}
 
 
-def _prepare(message: Message, context: Context):
-    received = messages.read_round_config(message)
-    config = received.config
-    site, path = locate_site(dict(context.node_config), received)
-    data = load_site(path, config_json=received.config_json, classes=received.classes, site=site)
-    template, keys = _template(received.config_json, received.num_classes)
-    model = copy.deepcopy(template)
-    wire.load_record(model, message.content[ARRAYS], keys=keys)
-    if messages.LOCAL_STATE in context.state:
-        model.load_state_dict(context.state[messages.LOCAL_STATE].to_torch_state_dict(), strict=False)
-    return config, received, site, data, model, keys
+class _Site:
+    """One message's view of the site: its config, data, and the global model it received."""
 
+    def __init__(self, message: Message, context: Context) -> None:
+        self.received = messages.read_round_config(message)
+        self.config = self.received.config
+        node_config = dict(context.node_config)
+        self.name, path = locate_site(node_config, self.received)
+        self.cache_dir = state_dir(node_config, path) / "features"
+        self.data = load_site(path, config_json=self.received.config_json,
+                              classes=self.received.classes, site=self.name)
+        template, keys = _template(self.received.config_json, self.received.num_classes)
+        self.keys = keys[self.received.stage]
+        self.model = copy.deepcopy(template)
+        wire.load_record(self.model, message.content[ARRAYS], keys=self.keys)
+        if messages.LOCAL_STATE in context.state:
+            self.model.load_state_dict(context.state[messages.LOCAL_STATE].to_torch_state_dict(),
+                                       strict=False)
+        self.device = pick_device(self.config.train.device)
+        self.head = self.received.stage == HEAD
 
-def _reply(message: Message, site: str, **records) -> Message:
-    return Message(content=RecordDict({**records, SITE: messages.site_record(site)}), reply_to=message)
+    def features(self, split: str) -> tuple[np.ndarray, np.ndarray]:
+        return features.site_features(self.model, self.data[split], config=self.config,
+                                      train=split == "train", cache_dir=self.cache_dir,
+                                      device=self.device)
+
+    def evaluation(self):
+        """The received model's metrics on the site's validation and test splits."""
+        results = {}
+        for split in messages.EVALUATED_SPLITS:
+            if self.head:
+                values, labels = self.features(split)
+                results[split] = evaluate_features(features.classifier(self.model), values, labels,
+                                                  batch_size=self.config.train.batch_size,
+                                                  device=self.device)
+            else:
+                results[split] = evaluate(
+                    self.model.to(self.device), self.data[split],
+                    transform=build_transform(self.model, self.config.data, train=False),
+                    batch_size=self.config.train.batch_size, device=self.device)
+        histograms = {split: self.data[split].histogram(self.received.num_classes)
+                      for split in self.data}
+        return messages.evaluation_metrics(results, histograms=histograms,
+                                           num_examples=len(self.data["val"]))
+
+    def train(self) -> float:
+        seed = (self.config.seed * 100_003 + self.received.server_round * 1_009
+                + zlib.crc32(self.name.encode()) % 1_000)
+        common = dict(config=self.config.train, lr=self.received.lr,
+                      proximal_mu=self.received.proximal_mu, device=self.device, seed=seed)
+        if self.head:
+            values, labels = self.features("train")
+            loss = train_head(features.classifier(self.model), values, labels, **common)
+        else:
+            transform = build_transform(self.model, self.config.data, train=True, seed=seed)
+            loss = train_local(self.model, self.data["train"], transform=transform, **common)
+        self.model.cpu()
+        return loss
+
+    def reply(self, message: Message, **records) -> Message:
+        return Message(content=RecordDict({**records, SITE: messages.site_record(self.name)}),
+                       reply_to=message)
 
 
 @app.train()
 def train(message: Message, context: Context) -> Message:
-    config, received, site, data, model, keys = _prepare(message, context)
-    seed = config.seed * 100_003 + received.server_round * 1_009 + zlib.crc32(site.encode()) % 1_000
-    transform = build_transform(model, config.data, train=True, seed=seed)
-    loss = train_local(
-        model, data["train"], transform=transform, config=config.train,
-        lr=received.lr, proximal_mu=received.proximal_mu,
-        device=pick_device(config.train.device), seed=seed,
-    )
-    model.cpu()
-    local = wire.local_keys(model, bn=config.model.bn)
+    started = time.perf_counter()
+    site = _Site(message, context)
+    evaluation = site.evaluation()
+    loss = site.train()
+    local = wire.local_keys(site.model, bn=site.config.model.bn)
     if local:
-        context.state[messages.LOCAL_STATE] = wire.to_record(model, local)
-    return _reply(message, site, **{ARRAYS: wire.to_record(model, keys),
-                                    METRICS: messages.train_metrics(num_examples=len(data["train"]),
-                                                                    loss=loss)})
+        context.state[messages.LOCAL_STATE] = wire.to_record(site.model, local)
+    return site.reply(message, **{
+        ARRAYS: wire.to_record(site.model, site.keys),
+        METRICS: messages.train_metrics(
+            num_examples=len(site.data["train"]), loss=loss,
+            seconds=time.perf_counter() - started,
+            peak_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
+        EVALUATION: evaluation,
+    })
 
 
 @app.evaluate()
 def evaluate_site(message: Message, context: Context) -> Message:
-    config, received, site, data, model, _ = _prepare(message, context)
-    transform = build_transform(model, config.data, train=False)
-    device = pick_device(config.train.device)
-    results = {split: evaluate(model.to(device), data[split], transform=transform,
-                               batch_size=config.train.batch_size, device=device)
-               for split in messages.EVALUATED_SPLITS}
-    histograms = {split: data[split].histogram(received.num_classes) for split in data}
-    return _reply(message, site, **{METRICS: messages.evaluation_metrics(
-        results, histograms=histograms, num_examples=len(data["val"]))})
+    site = _Site(message, context)
+    return site.reply(message, **{METRICS: site.evaluation()})
 
 
 @app.query()
@@ -89,4 +135,5 @@ def identify(message: Message, context: Context) -> Message:
     """Which site this node is: the server's roll call before the first round, so it can name
     the sites that did not come."""
     site, _ = locate_site(dict(context.node_config), messages.read_round_config(message))
-    return _reply(message, site)
+    return Message(content=RecordDict({SITE: messages.site_record(site)}), reply_to=message)
+

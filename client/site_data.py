@@ -25,6 +25,15 @@ def simulated_site_name(partition_id: int) -> str:
     return f"site-{partition_id}"
 
 
+def state_dir(node_config: dict, data_file: Path) -> Path:
+    """Where the site keeps what it computes once (its frozen-feature cache): the SuperNode's
+    `state-dir` (`medfed client` sets it), else a folder beside its data file (a simulation's
+    virtual sites, whose data the simulation wrote)."""
+    if "state-dir" in node_config:
+        return Path(str(node_config["state-dir"]))
+    return data_file.with_name(f"{data_file.stem}-state")
+
+
 def locate_site(node_config: dict, received: RoundConfig) -> tuple[str, Path]:
     """(site name, data file) for this node."""
     if "data-path" in node_config:

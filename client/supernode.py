@@ -59,6 +59,11 @@ class Site:
     connect_timeout: float
 
     @property
+    def state_dir(self) -> Path:
+        """What the site keeps between messages (its frozen-feature cache), beside its log."""
+        return self.log.resolve().parent / f"medfed-state-{self.name}"
+
+    @property
     def audit_log(self) -> Path:
         """Every message this site ran, beside the SuperNode's log (client/audit.py)."""
         return self.log.with_name(f"{self.log.stem}.audit.jsonl")
@@ -70,9 +75,10 @@ def prepare(*, site: str, data: Path, superlink: str, certs: Path | None, insecu
     # The name and path travel inside Flower's --node-config as TOML literal strings ('...').
     if not site or any(c.isspace() or c in "'\"" for c in site):
         raise MedfedError(f"--site {site!r}: give the site's name from sites.yaml, e.g. hospital-a")
-    if "'" in str(data.resolve()) or "\n" in str(data.resolve()):
-        raise MedfedError(f"--data {data}: a path containing ' or a line break cannot be passed to "
-                          f"Flower's --node-config; rename or link the folder")
+    for option, path in (("--data", data), ("--log", log or Path.cwd())):
+        if "'" in str(path.resolve()) or "\n" in str(path.resolve()):
+            raise MedfedError(f"{option} {path}: a path containing ' or a line break cannot be "
+                              f"passed to Flower's --node-config; rename or link the folder")
     host, _, port = superlink.rpartition(":")
     if not host or not port.isdigit() or "://" in superlink:
         raise MedfedError(f"--superlink {superlink!r}: expected HOST:PORT without a scheme, "
@@ -107,7 +113,7 @@ def check_data(path: Path) -> str:
 
 
 def supernode_command(site: Site, *, runtime_port: int) -> list[str]:
-    node_config = f"site='{site.name}' data-path='{site.data}'"
+    node_config = f"site='{site.name}' data-path='{site.data}' state-dir='{site.state_dir}'"
     command = [executable("flower-supernode"), "--superlink", site.superlink,
                "--node-config", node_config,
                # The ClientApp's local API; several sites on one machine need distinct ports.

@@ -21,8 +21,8 @@ import yaml
 from medfed.common.errors import MedfedError
 from medfed.common.medmnist_catalogue import DATASETS
 
-STRATEGIES = ("fedavg", "fedprox", "fedadam", "fedyogi", "fedmedian", "fedtrimmedavg", "krum",
-              "multikrum", "bulyan")
+STRATEGIES = ("fedavg", "fedprox", "fedadam", "fedyogi", "fedavgm", "fedmedian", "fedtrimmedavg",
+              "krum", "multikrum", "bulyan")
 # Byzantine-robust strategies and the fewest training replies per round each needs for
 # `federation.byzantine` = f assumed attackers: Krum/MultiKrum score each update by its n - f - 2
 # nearest others (Blanchard et al. 2017: n >= 2f + 3); Bulyan (El Mhamdi et al. 2018): n >= 4f + 3.
@@ -53,8 +53,9 @@ class DataConfig:
     resolution: int = 28
     # None: $MEDFED_DATA_DIR, else the user cache directory (see common.medmnist).
     data_dir: str | None = None
-    # Model input side in pixels; images are resized to it. None: 64 for MedMNIST, the
-    # backbone's native size (224, InceptionV3 299) for a hospital's data.
+    # Model input side in pixels; images are resized to it. None: the backbone's native size
+    # (224, InceptionV3 299), where its ImageNet features are best (docs/BENCHMARKS.md: a head on
+    # 224 px features of 64 px BreastMNIST files beats one on 64 px features by ~0.05 AUC).
     image_size: int | None = None
     # Histogram equalization before normalization: none, clahe (contrast-limited, local) or hist.
     equalize: str = "none"
@@ -82,8 +83,9 @@ class ModelConfig:
     backbone: str = "tf_efficientnet_lite0"
     # "imagenet", "none" (from scratch) or a path to a local checkpoint.
     weights: str = "imagenet"
-    # Stem plus the first N stages are frozen; "all" trains the head only; "0" fine-tunes everything.
-    freeze: str = "3"
+    # Stem plus the first N stages are frozen; "all" trains the head only (on cached frozen
+    # features: the default, best and cheapest in docs/BENCHMARKS.md); "0" fine-tunes everything.
+    freeze: str = "all"
     # BatchNorm of the trainable part: "avg" sends its statistics to be averaged, "local" keeps
     # BatchNorm weights and statistics at each site (FedBN).
     bn: str = "avg"
@@ -95,7 +97,16 @@ class TrainConfig:
     lr: float = 1e-4
     batch_size: int = 32
     local_epochs: int = 1
-    weight_decay: float = 0.0
+    # Optimizer steps per round (cycling through the site's data); None: `local_epochs` passes.
+    # Steps make a 37-image site and a 3,000-image site do the same amount of work per round.
+    local_steps: int | None = 20
+    # Learning rate of the head stage (the classifier alone, on cached frozen features); the top
+    # stages are then fine-tuned from there at `lr` (linear probe, then fine-tune).
+    head_lr: float = 3e-3
+    # Augmented views per training image whose frozen features are cached for the head stage;
+    # 0: the plain image only (exact, no augmentation in the head stage).
+    feature_views: int = 0
+    weight_decay: float = 1e-4
     device: str = "auto"
 
 
@@ -103,15 +114,25 @@ class TrainConfig:
 class FederationConfig:
     strategy: str = "fedavg"
     rounds: int = 10
+    # The first rounds train the classifier alone on each site's cached frozen features (a few KB
+    # on the wire); the remaining rounds fine-tune the unfrozen top stages. With `model.freeze:
+    # all` every round is a head round. None: half the rounds (linear probe, then fine-tune).
+    head_rounds: int | None = None
     # FedProx proximal weight.
     mu: float = 0.01
     # Server learning rate of FedAdam/FedYogi.
     server_lr: float = 0.01
+    # Server momentum of FedAvgM.
+    server_momentum: float = 0.9
     # Fraction cut from each end by FedTrimmedAvg.
     trim_fraction: float = 0.2
     fraction_train: float = 1.0
     # Early stopping on the aggregated validation loss; 0 disables it.
     patience: int = 5
+    # Rounds are judged (early stopping, learning-rate reduction, the final model) by the
+    # aggregated validation loss smoothed over rounds: this weight of the past in an exponential
+    # moving average; 0 judges each round alone.
+    smoothing: float = 0.5
     # Learning-rate reduction on plateau of the same loss.
     lr_patience: int = 2
     lr_factor: float = 0.5
@@ -160,7 +181,9 @@ class SimulationConfig:
 @dataclass
 class EvidenceConfig:
     # Modes trained on the same sites, seeds and test sets: comma-separated names or "all".
-    compare: str = "all"
+    # Scratch (every layer from random weights, at the backbone's 224 px) takes about an hour on
+    # two CPU cores, so it runs only when asked for.
+    compare: str = "federated,centralized,local,classical"
     # Comma-separated seeds; empty: the top-level seed only.
     seeds: str = ""
     # k-fold cross-validation of every site's split; 0: the plain 70/15/15 split.
@@ -383,10 +406,27 @@ def validate(config: Config) -> Config:
     _check(t.lr > 0, "train.lr", t.lr, "a number > 0")
     _check(t.batch_size >= 2, "train.batch_size", t.batch_size, "2 or more")
     _check(t.local_epochs >= 1, "train.local_epochs", t.local_epochs, "1 or more")
+    _check(t.local_steps is None or t.local_steps >= 1, "train.local_steps", t.local_steps,
+           "null (use local_epochs) or 1 or more optimizer steps per round")
+    _check(t.head_lr > 0, "train.head_lr", t.head_lr, "a number > 0")
+    _check(t.feature_views >= 0, "train.feature_views", t.feature_views,
+           "0 (the plain image) or 1 or more augmented views per image")
+    _check(t.feature_views == 0 or d.augment, "train.feature_views", t.feature_views,
+           "0 when data.augment is false (augmented views need augmentation; the plain image's "
+           "features are exact without it)")
     _check(t.weight_decay >= 0, "train.weight_decay", t.weight_decay, "0 or more")
     _check(t.device in DEVICES, "train.device", t.device, ", ".join(DEVICES))
     _check(f.strategy in STRATEGIES, "federation.strategy", f.strategy, ", ".join(STRATEGIES))
     _check(f.rounds >= 1, "federation.rounds", f.rounds, "1 or more")
+    _check(f.head_rounds is None or 0 <= f.head_rounds <= f.rounds, "federation.head_rounds",
+           f.head_rounds,
+           f"0 to federation.rounds ({f.rounds}): the head stage cannot be longer than the run")
+    _check(not (m.weights == "none" and (m.freeze == "all" or f.head_rounds != 0)),
+           "model.weights", m.weights, "imagenet or a checkpoint when only the head trains "
+           "(model.freeze=all or federation.head_rounds other than 0): a head on random frozen "
+           "features learns nothing; use --freeze 0 --head-rounds 0 to train from scratch")
+    _check(0 <= f.server_momentum < 1, "federation.server_momentum", f.server_momentum,
+           "0 <= value < 1")
     _check(f.mu >= 0, "federation.mu", f.mu, "0 or more")
     _check(f.server_lr > 0, "federation.server_lr", f.server_lr, "a number > 0")
     _check(0 <= f.trim_fraction < 0.5, "federation.trim_fraction", f.trim_fraction,
@@ -394,6 +434,7 @@ def validate(config: Config) -> Config:
     _check(0 < f.fraction_train <= 1, "federation.fraction_train", f.fraction_train,
            "0 < value <= 1")
     _check(f.patience >= 0, "federation.patience", f.patience, "0 (off) or more rounds")
+    _check(0 <= f.smoothing < 1, "federation.smoothing", f.smoothing, "0 (off) <= value < 1")
     _check(f.lr_patience >= 0, "federation.lr_patience", f.lr_patience, "0 or more rounds")
     _check(0 < f.lr_factor < 1, "federation.lr_factor", f.lr_factor, "0 < value < 1")
     _check(f.min_lr >= 0, "federation.min_lr", f.min_lr, "0 or more")

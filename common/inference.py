@@ -42,3 +42,15 @@ def evaluate(model: nn.Module, data: LabelledImages, *, transform, batch_size: i
     )
     y, probs, loss = predict(model, loader, device)
     return {**classification_metrics(y, probs), "loss": loss}
+
+
+def evaluate_features(classifier: nn.Module, features: np.ndarray, labels: np.ndarray, *,
+                      batch_size: int, device: torch.device) -> dict:
+    """Metrics plus mean loss of a classifier on cached classifier inputs (common/features.py)."""
+    loader = torch.utils.data.DataLoader(
+        torch.utils.data.TensorDataset(torch.from_numpy(features),
+                                       torch.from_numpy(labels.astype(np.int64))),
+        batch_size=batch_size * 2, shuffle=False,
+    )
+    y, probs, loss = predict(classifier.to(device), loader, device)
+    return {**classification_metrics(y, probs), "loss": loss}

@@ -3,7 +3,10 @@ beyond the arrays themselves (common/wire.py), with the one builder and the one 
 
 * The round config, sent with every message: the resolved medfed config (JSON), the class list,
   where a simulated site finds its data, and the values Flower or the server's schedule add per
-  round (`server-round`, `lr`, FedProx's `proximal-mu`).
+  round (`server-round`, `lr`, `stage`, FedProx's `proximal-mu`).
+* One message per round and site: a training reply carries the site's evaluation of the global
+  model it received (record `evaluation`) beside its update, so no separate evaluation message
+  resends the model; only the last round's aggregate and the final model are evaluated alone.
 * The site record in every reply: which site answers (the server trusts it only without a node
   registry, i.e. in simulation).
 * The evaluation metric record: `{split}-{metric}` scalars, `{split}-confusion` (the confusion
@@ -23,11 +26,14 @@ from flwr.app import ConfigRecord, Message, MetricRecord
 from medfed.common.config import Config
 from medfed.common.dataset import SPLITS
 from medfed.common.metrics import SCALARS
+from medfed.common.schedule import FINETUNE
 
 # Flower's own record names (FedAvg's arrayrecord_key / configrecord_key) and medfed's.
 ARRAYS, METRICS, CONFIG, SITE = "arrays", "metrics", "config", "site"
+EVALUATION = "evaluation"            # a training reply's evaluation of the model it received
 WEIGHT_KEY = "num-examples"          # Flower's FedAvg weighs replies by this metric
 TRAIN_LOSS = "train-loss"
+COMPUTE_SECONDS, PEAK_MB = "compute-s", "peak-mb"
 EVALUATED_SPLITS = ("val", "test")
 LOCAL_STATE = "medfed-local-state"   # Context.state key; never on the wire
 
@@ -43,9 +49,11 @@ def simulated_sites(sites_dir: Path, site_names: list[str]) -> dict:
     return {"sites-dir": str(sites_dir), "site-names": list(site_names)}
 
 
-def with_learning_rate(config: ConfigRecord, round_values: dict, lr: float) -> ConfigRecord:
-    """The round config as sent: Flower's per-round values, the run's, and the scheduled rate."""
-    return ConfigRecord({**config, **round_values, "lr": lr})
+def with_round_values(config: ConfigRecord, round_values: dict, *, lr: float, stage: str
+                      ) -> ConfigRecord:
+    """The round config as sent: Flower's per-round values, the run's, the scheduled rate and
+    the stage (which keys travel and what the site trains)."""
+    return ConfigRecord({**config, **round_values, "lr": lr, "stage": stage})
 
 
 @dataclass(frozen=True)
@@ -56,6 +64,7 @@ class RoundConfig:
     classes: tuple[str, ...]
     server_round: int
     lr: float | None
+    stage: str
     proximal_mu: float
     sites_dir: Path | None
     site_names: tuple[str, ...]
@@ -76,6 +85,7 @@ def read_round_config(message: Message) -> RoundConfig:
         classes=tuple(values["classes"]),
         server_round=int(values.get("server-round", 0)),
         lr=float(values["lr"]) if "lr" in values else None,
+        stage=str(values.get("stage", FINETUNE)),
         proximal_mu=float(values.get("proximal-mu", 0.0)),
         sites_dir=Path(str(values["sites-dir"])) if "sites-dir" in values else None,
         site_names=tuple(values.get("site-names", [])),
@@ -94,8 +104,12 @@ def declared_name(reply: Message) -> str | None:
     return None
 
 
-def train_metrics(*, num_examples: int, loss: float) -> MetricRecord:
-    return MetricRecord({WEIGHT_KEY: num_examples, TRAIN_LOSS: loss})
+def train_metrics(*, num_examples: int, loss: float, seconds: float, peak_mb: float
+                  ) -> MetricRecord:
+    """A training reply's metrics: its examples and loss, and what the message cost the site
+    (wall seconds from receiving it to replying, the process's peak resident memory)."""
+    return MetricRecord({WEIGHT_KEY: num_examples, TRAIN_LOSS: loss, COMPUTE_SECONDS: seconds,
+                         PEAK_MB: peak_mb})
 
 
 def evaluation_metrics(results: dict[str, dict], *, histograms: dict[str, list[int]],

@@ -1,4 +1,5 @@
-"""Server-side early stopping and learning-rate reduction on the aggregated validation loss.
+"""What each round trains, and at what rate: the two training stages, and server-side early
+stopping and learning-rate reduction on the aggregated validation loss.
 
 The learning-rate decision is torch's own ReduceLROnPlateau driving a one-parameter optimizer, so
 the plateau rule is the familiar one; the chosen rate is sent to every site in the round config.
@@ -7,10 +8,43 @@ the plateau rule is the familiar one; the chosen rate is sent to every site in t
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 
-from medfed.common.config import FederationConfig
+from medfed.common.config import Config, FederationConfig
+
+# The head stage trains the classifier alone on cached frozen features; the fine-tune stage
+# trains every unfrozen layer on images.
+HEAD, FINETUNE = "head", "finetune"
+STAGES = (HEAD, FINETUNE)
+# How the final model is chosen, in the words the report uses.
+SELECTION = ("lowest example-weighted validation loss of all sites, smoothed over rounds "
+             "(exponential moving average)")
+
+
+@dataclass(frozen=True)
+class Stages:
+    """Which stage each round belongs to, and the rate each stage starts at."""
+
+    head_rounds: int   # rounds 1..head_rounds train the head (round 0, the initial model, too)
+    head_lr: float
+    lr: float
+
+    @classmethod
+    def of_config(cls, config: Config) -> Stages:
+        f = config.federation
+        if config.model.freeze == "all":
+            head_rounds = f.rounds
+        else:
+            head_rounds = f.rounds // 2 if f.head_rounds is None else f.head_rounds
+        return cls(head_rounds=head_rounds, head_lr=config.train.head_lr, lr=config.train.lr)
+
+    def of(self, server_round: int) -> str:
+        return HEAD if server_round <= self.head_rounds else FINETUNE
+
+    def start_lr(self, stage: str) -> float:
+        return self.head_lr if stage == HEAD else self.lr
 
 
 class PlateauSchedule:
@@ -21,6 +55,8 @@ class PlateauSchedule:
             patience=federation.lr_patience, min_lr=federation.min_lr,
         )
         self.patience = federation.patience
+        self.smoothing = federation.smoothing
+        self.smoothed: float | None = None
         self.best_loss = math.inf
         self.best_round = 0
         self.rounds_without_improvement = 0
@@ -34,10 +70,27 @@ class PlateauSchedule:
     def stopped(self) -> bool:
         return self.stopped_at is not None
 
+    def restart(self, lr: float) -> None:
+        """A new stage starts at its own rate and with fresh plateau patience; the best loss so
+        far is kept, so a stage that does not improve on the last one stops early."""
+        for group in self._optimizer.param_groups:
+            group["lr"] = lr
+        self._plateau.num_bad_epochs = 0
+        self._plateau.cooldown_counter = 0
+
     def step(self, server_round: int, val_loss: float) -> bool:
-        """Record one round's aggregated validation loss; True when it is the best so far."""
+        """Record one round's aggregated validation loss; True when it is the best so far.
+
+        Rounds are judged by the loss smoothed over rounds (an exponential moving average,
+        `federation.smoothing` the weight of the past), so one lucky round on a few validation
+        images does not become the final model."""
         if math.isnan(val_loss):
             val_loss = math.inf
+        if math.isfinite(val_loss):
+            previous = self.smoothed
+            self.smoothed = val_loss if previous is None else (
+                self.smoothing * previous + (1 - self.smoothing) * val_loss)
+            val_loss = self.smoothed
         # Improvement is the scheduler's own judgement (it moves `best` only past its relative
         # threshold), so early stopping and the learning-rate rule count the same rounds.
         previous_best = self._plateau.best
@@ -57,7 +110,7 @@ class PlateauSchedule:
         return {"optimizer": self._optimizer.state_dict(), "plateau": self._plateau.state_dict(),
                 "best_loss": self.best_loss, "best_round": self.best_round,
                 "rounds_without_improvement": self.rounds_without_improvement,
-                "stopped_at": self.stopped_at}
+                "stopped_at": self.stopped_at, "smoothed": self.smoothed}
 
     def load_state_dict(self, state: dict) -> None:
         self._optimizer.load_state_dict(state["optimizer"])
@@ -65,3 +118,4 @@ class PlateauSchedule:
         self.best_loss, self.best_round = state["best_loss"], state["best_round"]
         self.rounds_without_improvement = state["rounds_without_improvement"]
         self.stopped_at = state["stopped_at"]
+        self.smoothed = state["smoothed"]

@@ -1,5 +1,7 @@
 """What travels between a site and the server: the trainable part of the model, nothing else.
 
+In the head stage that is the classifier alone; in the fine-tune stage, every unfrozen layer.
+
 The frozen lower layers are rebuilt identically at every site from the same weights and seed,
 so they never go on the wire. BatchNorm running statistics of the trainable part travel with
 `bn: avg` (and are averaged, never fed to a server optimizer); with `bn: local` every BatchNorm
@@ -13,6 +15,8 @@ from flwr.app import ArrayRecord
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from medfed.common.schedule import FINETUNE, HEAD
+
 BN_STATISTICS = ("running_mean", "running_var")
 
 
@@ -23,8 +27,12 @@ def _trainable_batchnorms(model: nn.Module) -> dict[str, _BatchNorm]:
     }
 
 
-def exchanged_keys(model: nn.Module, *, bn: str) -> list[str]:
-    """State-dict keys that go on the wire, in state-dict order."""
+def exchanged_keys(model: nn.Module, *, bn: str, stage: str = FINETUNE) -> list[str]:
+    """State-dict keys that go on the wire in a stage, in state-dict order."""
+    if stage == HEAD:
+        head = {f"{name}.{p}" for name, module in model.named_modules()
+                if module is model.get_classifier() for p, _ in module.named_parameters()}
+        return [k for k in model.state_dict() if k in head]
     batchnorms = _trainable_batchnorms(model)
     keys = {name for name, p in model.named_parameters() if p.requires_grad}
     if bn == "avg":

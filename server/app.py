@@ -14,17 +14,17 @@ from flwr.app import (
 )
 from flwr.serverapp import Grid, ServerApp
 
-from medfed.common import messages, wire
+from medfed.common import features, messages, wire
 from medfed.common.config import Config, load_yaml, study_classes, validate
 from medfed.common.dataset import LabelledImages
 from medfed.common.errors import MedfedError
 from medfed.common.files import save_torch
-from medfed.common.inference import evaluate, pick_device
+from medfed.common.inference import evaluate, evaluate_features, pick_device
 from medfed.common.metrics import SCALARS, format_number
 from medfed.common.model import build_model, count_parameters
 from medfed.common.transforms import build_transform
 from medfed.server.report import build_report, write_report
-from medfed.common.schedule import PlateauSchedule
+from medfed.common.schedule import FINETUNE, HEAD, SELECTION, STAGES, PlateauSchedule, Stages
 from medfed.server.checkpoint import CHECKPOINT, load_checkpoint, save_checkpoint
 from medfed.server.strategy import (
     MedfedStrategy, RegisteredNodes, RoundRecord, make_flower_strategy, site_name,
@@ -59,24 +59,41 @@ def run_server(
     min_sites = len(expected_sites) if min_sites is None else min_sites
     num_classes = len(dataset["classes"])
     model = build_model(config.model, num_classes=num_classes, seed=config.seed)
-    keys = wire.exchanged_keys(model, bn=config.model.bn)
+    stage_keys = {s: wire.exchanged_keys(model, bn=config.model.bn, stage=s) for s in STAGES}
+    keys = stage_keys[FINETUNE]  # every key any stage trains: the global model's arrays
     initial = wire.to_record(model, keys)
     trainable, total = count_parameters(model)
     device = pick_device(config.train.device)
     transform = build_transform(model, config.data, train=False)
+    stages = Stages.of_config(config)
     round_config = messages.round_config(config, classes=list(dataset["classes"]),
                                          simulated=simulated_sites)
 
-    def global_metrics(arrays: ArrayRecord) -> dict:
+    cached: list = []  # the global test set's frozen features, computed at the first head round
+
+    def global_metrics(arrays: ArrayRecord, server_round: int) -> dict:
+        if stages.of(server_round) == HEAD:
+            # The head stage never changes the layers below the classifier: their output on the
+            # global test set is computed once, with those layers as the model was built.
+            if not cached:
+                built = build_model(config.model, num_classes=num_classes, seed=config.seed)
+                cached.extend(features.site_features(built, global_test, config=config,
+                                                     train=False, cache_dir=None, device=device))
+            wire.load_record(model, arrays, keys=keys)
+            return evaluate_features(features.classifier(model), *cached,
+                                     batch_size=config.train.batch_size, device=device)
         wire.load_record(model, arrays, keys=keys)
         return evaluate(model.to(device), global_test, transform=transform,
                         batch_size=config.train.batch_size, device=device)
 
-    schedule = PlateauSchedule(lr=config.train.lr, federation=config.federation)
+    schedule = PlateauSchedule(lr=stages.start_lr(stages.of(1)), federation=config.federation)
     strategy = MedfedStrategy(
         make_flower_strategy(config, num_sites=len(expected_sites)),
         statistic_keys=wire.statistic_keys(keys),
         schedule=schedule,
+        stages=stages,
+        stage_keys=stage_keys,
+        rounds=config.federation.rounds,
         round_config=round_config,
         expected_sites=expected_sites,
         min_sites=min_sites,
@@ -103,7 +120,7 @@ def run_server(
             return None  # after early stopping the loop still ticks; nothing new happened
         result = None
         if global_test is not None:
-            result = global_metrics(arrays)
+            result = global_metrics(arrays, server_round)
             strategy.record(server_round).global_test = result
             if server_round:
                 progress(f"round {server_round:>3} | global test AUC {format_number(result['auc']):>5} "
@@ -118,9 +135,11 @@ def run_server(
     if roll_call:
         present = wait_for_sites(grid, expected=expected_sites, min_sites=min_sites, wait_s=wait_s,
                                  round_config=round_config, registry=registry, progress=progress)
-    progress(f"{len(present)} sites, {config.federation.rounds} rounds of {config.federation.strategy}; "
-             f"{trainable:,} of {total:,} parameters trainable "
-             f"({wire.record_bytes(initial) / 1e6:.2f} MB per payload)")
+    head_payload = wire.record_bytes(ArrayRecord({k: initial[k] for k in stage_keys[HEAD]}))
+    progress(f"{len(present)} sites, {config.federation.rounds} rounds of {config.federation.strategy}"
+             f" ({_stage_plan(stages, config.federation.rounds)}); {trainable:,} of {total:,} "
+             f"parameters trainable ({wire.record_bytes(initial) / 1e6:.2f} MB per payload"
+             + (f", {head_payload / 1e3:.1f} kB in the head stage)" if stages.head_rounds else ")"))
     remaining = config.federation.rounds - done
     if remaining > 0 and not schedule.stopped:
         strategy.start(grid, arrays, num_rounds=remaining, timeout=config.federation.round_timeout,
@@ -129,13 +148,13 @@ def run_server(
     if schedule.stopped_at:
         progress(f"early stopping at round {schedule.stopped_at}: no lower aggregated validation "
                  f"loss for {config.federation.patience} rounds")
-    progress(f"final model: round {schedule.best_round} (lowest aggregated validation loss); "
+    progress(f"final model: round {schedule.best_round} ({SELECTION}, {format_number(schedule.best_loss)}); "
              f"evaluating it at every site")
     chosen = strategy.best_arrays or initial
     final_sites = strategy.evaluate_final(grid, chosen, timeout=config.federation.round_timeout)
     if not final_sites.evaluate:
         raise RuntimeError(f"no site returned a final evaluation: {final_sites.failures}")
-    final_global = global_metrics(chosen) if global_test is not None else None
+    final_global = global_metrics(chosen, schedule.best_round) if global_test is not None else None
 
     wire.load_record(model, chosen, keys=keys)
     save_torch(run_dir / "global_model.pt",
@@ -145,15 +164,28 @@ def run_server(
         config=config.to_dict(), dataset=dataset, partition=partition, rounds=strategy.rounds,
         final_sites=final_sites, final_global=final_global,
         early_stopping={"stopped_at": schedule.stopped_at, "best_round": schedule.best_round,
-                        "best_val_loss": schedule.best_loss},
+                        "best_val_loss": schedule.best_loss, "criterion": SELECTION,
+                        "smoothing": config.federation.smoothing},
         model={"backbone": config.model.backbone, "weights": config.model.weights,
                "freeze": config.model.freeze, "trainable_params": trainable, "total_params": total,
-               "exchanged_tensors": len(keys), "payload_bytes": wire.record_bytes(initial)},
+               "exchanged_tensors": len(keys), "payload_bytes": wire.record_bytes(initial),
+               "head_payload_bytes": head_payload, "head_rounds": stages.head_rounds,
+               "feature_views": config.train.feature_views},
         wall_s=time.perf_counter() - started,
         resumed_from=done or None,
     )
     write_report(run_dir, report)
     return report
+
+
+def _stage_plan(stages: Stages, rounds: int) -> str:
+    if stages.head_rounds >= rounds:
+        return f"head only, on cached frozen features, lr {stages.head_lr:g}"
+    if stages.head_rounds == 0:
+        return f"fine-tuning the unfrozen stages, lr {stages.lr:g}"
+    head = "round 1" if stages.head_rounds == 1 else f"rounds 1-{stages.head_rounds}"
+    return (f"{head}: head on cached frozen features, lr {stages.head_lr:g}; "
+            f"then fine-tuning, lr {stages.lr:g}")
 
 
 def wait_for_sites(grid: Grid, *, expected: list[str], min_sites: int, wait_s: float,

@@ -74,6 +74,8 @@ def build_report(
             "total_params": model["total_params"],
             "exchanged_tensors": model["exchanged_tensors"],
             "payload_bytes": model["payload_bytes"],
+            # What one message carries in the head stage (the classifier alone).
+            "head_payload_bytes": model["head_payload_bytes"],
             "bytes_up_per_round": _per_round(rounds, "bytes_up"),
             "bytes_down_per_round": _per_round(rounds, "bytes_down"),
         },
@@ -133,7 +135,8 @@ def render_markdown(report: dict) -> str:
         f"Backbone `{cfg['model']['backbone']}` (weights: {cfg['model']['weights']}, "
         f"freeze: {cfg['model']['freeze']}, BatchNorm: {cfg['model']['bn']}), "
         f"input {cfg['data']['image_size']} px, seed {cfg['seed']}. "
-        f"Final model from round {final['model_round']} (lowest aggregated validation loss); "
+        f"Final model from round {final['model_round']} "
+        f"({final['early_stopping'].get('criterion', 'lowest aggregated validation loss')}); "
         f"{len(report['rounds'])} rounds run"
         + (f", early stopping at round {final['early_stopping']['stopped_at']}."
            if final["early_stopping"]["stopped_at"] else "."),

@@ -10,7 +10,14 @@
 * per-site metrics and bytes on the wire are kept round by round (Flower keeps only aggregates);
 * the round's learning rate comes from the server's plateau schedule, and once early stopping
   fires no more sites are sampled;
-* the best global arrays (lowest aggregated validation loss) are kept for the final model;
+* the best global arrays (lowest smoothed aggregated validation loss) are kept for the final
+  model;
+* training runs in stages (common/schedule.py): only the stage's keys travel (the classifier
+  alone in the head stage), the server optimizer's state restarts and the learning rate starts
+  at the stage's own rate when a new stage begins;
+* one message per round and site: the sites evaluate the global model they receive before
+  training on it and return both, so the model after round r is judged from round r + 1's
+  training replies; only the last round's aggregate gets an evaluation message of its own;
 * no round waits for a site that is not there: each round asks for at most the sites connected
   now (Flower's own sampling would wait forever for a missing one), refuses to run below
   `min_sites`, and records who was missing;
@@ -32,16 +39,19 @@ import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import (
-    Bulyan, FedAdam, FedAvg, FedMedian, FedProx, FedTrimmedAvg, FedYogi, Krum, MultiKrum, Strategy,
+    Bulyan, FedAdam, FedAvg, FedAvgM, FedMedian, FedProx, FedTrimmedAvg, FedYogi, Krum, MultiKrum,
+    Strategy,
 )
 from flwr.serverapp.strategy.fedtrimmedavg import trim_mean
 from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords
 
 from medfed.common import messages
 from medfed.common.config import BYZANTINE_MINIMUM, Config, check_sites
-from medfed.common.messages import WEIGHT_KEY, declared_name
+from medfed.common.messages import (
+    COMPUTE_SECONDS, EVALUATION, METRICS, PEAK_MB, TRAIN_LOSS, WEIGHT_KEY, declared_name,
+)
 from medfed.common.wire import record_bytes
-from medfed.common.schedule import PlateauSchedule
+from medfed.common.schedule import PlateauSchedule, Stages
 from medfed.server.validation import RoundReference, screen, screen_evaluation
 
 log = logging.getLogger("medfed")
@@ -80,6 +90,8 @@ def make_flower_strategy(config: Config, *, num_sites: int) -> Strategy:
         return FedAdam(**sampling, eta=f.server_lr, eta_l=config.train.lr)
     if f.strategy == "fedyogi":
         return FedYogi(**sampling, eta=f.server_lr, eta_l=config.train.lr)
+    if f.strategy == "fedavgm":
+        return FedAvgM(**sampling, server_momentum=f.server_momentum)
     if f.strategy == "fedmedian":
         return FedMedian(**sampling)
     if f.strategy == "fedtrimmedavg":
@@ -102,6 +114,9 @@ def make_flower_strategy(config: Config, *, num_sites: int) -> Strategy:
 # distances computed on the parameters alone (the statistics never enter them), so an
 # example-weighted mean would let one site move the statistics as far as it likes.
 MEDIAN_STATISTICS = (FedMedian, MultiKrum, Bulyan)  # Krum is a MultiKrum
+# What Flower's server optimizers (FedAvgM, FedAdam, FedYogi) carry from round to round, keyed
+# by the arrays they saw: restarted when a new stage sends other keys.
+SERVER_OPTIMIZER_STATE = ("current_arrays", "m_t", "v_t", "momentum_vector")
 
 
 @dataclass
@@ -175,6 +190,9 @@ class MedfedStrategy(Strategy):
         *,
         statistic_keys: list[str],
         schedule: PlateauSchedule,
+        stages: Stages,
+        stage_keys: dict[str, list[str]],
+        rounds: int,
         round_config: dict,
         expected_sites: list[str],
         min_sites: int,
@@ -187,6 +205,10 @@ class MedfedStrategy(Strategy):
         self.inner = inner
         self.statistic_keys = set(statistic_keys)
         self.schedule = schedule
+        self.stages = stages
+        self.stage_keys = stage_keys
+        self.total_rounds = rounds
+        self.stage = stages.of(1)
         self.round_config = round_config
         self.expected_sites = expected_sites
         self.min_sites = min_sites
@@ -201,6 +223,7 @@ class MedfedStrategy(Strategy):
         self._sent: dict[int, int] = {}  # node id -> bytes sent to it this round
         self._dtypes: dict[str, np.dtype] = {}
         self._global: dict[str, np.ndarray] = {}  # the arrays sent for this round's training
+        self._full: ArrayRecord | None = None  # the whole global model this round started from
         self._evaluated: ArrayRecord | None = None
 
     def summary(self) -> None:
@@ -211,8 +234,22 @@ class MedfedStrategy(Strategy):
             self.rounds[server_round] = RoundRecord(round=server_round, lr=self.schedule.lr)
         return self.rounds[server_round]
 
-    def _config(self, config: ConfigRecord) -> ConfigRecord:
-        return messages.with_learning_rate(config, self.round_config, self.schedule.lr)
+    def _config(self, config: ConfigRecord, stage: str) -> ConfigRecord:
+        return messages.with_round_values(config, self.round_config, lr=self.schedule.lr,
+                                          stage=stage)
+
+    def _enter_stage(self, server_round: int) -> str:
+        stage = self.stages.of(server_round)
+        if stage != self.stage:
+            self.stage = stage
+            for name in SERVER_OPTIMIZER_STATE:
+                if hasattr(self.inner, name):
+                    setattr(self.inner, name, None)
+            self.schedule.restart(self.stages.start_lr(stage))
+        return stage
+
+    def _stage_arrays(self, arrays: ArrayRecord, stage: str) -> ArrayRecord:
+        return ArrayRecord({k: arrays[k] for k in self.stage_keys[stage]})
 
     def _note_sent(self, messages: Iterable[Message], arrays: ArrayRecord) -> list[Message]:
         messages = list(messages)
@@ -264,17 +301,21 @@ class MedfedStrategy(Strategy):
             return []
         grid = self._grid(grid)
         self._available(grid)
-        self._global = {k: a.numpy() for k, a in arrays.items()}
+        stage = self._enter_stage(server_round)
+        self._full = arrays
         if not self._dtypes:
-            self._dtypes = {k: v.dtype for k, v in self._global.items()}
+            self._dtypes = {k: a.numpy().dtype for k, a in arrays.items()}
+        sent = self._stage_arrays(arrays, stage)
+        self._global = {k: a.numpy() for k, a in sent.items()}
         self._sent = {}
         self.record(server_round)
-        parameters = ArrayRecord({k: a for k, a in arrays.items() if k not in self.statistic_keys})
-        messages = list(self.inner.configure_train(server_round, parameters, self._config(config), grid))
+        parameters = ArrayRecord({k: a for k, a in sent.items() if k not in self.statistic_keys})
+        messages = list(self.inner.configure_train(server_round, parameters,
+                                                   self._config(config, stage), grid))
         for message in messages:
             # The wrapped strategy saw parameters only (FedOpt keeps them as its x_t); sites get all.
-            message.content[self.inner.arrayrecord_key] = arrays
-        return self._note_sent(messages, arrays)
+            message.content[self.inner.arrayrecord_key] = sent
+        return self._note_sent(messages, sent)
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]
                         ) -> tuple[ArrayRecord | None, MetricRecord | None]:
@@ -290,28 +331,42 @@ class MedfedStrategy(Strategy):
             [(site_name(r, self.registry), r) for r in replies if not r.has_error()],
             RoundReference(arrays=self._global, sites=self.expected_sites,
                            max_examples=self.max_examples, norm_factor=self.norm_factor,
+                           num_classes=len(self.round_config["classes"]),
                            declared=self._declared_examples(), registry=self.registry),
         )
         # Shown by the progress callback (on_event below), in simulation and deployment alike.
         record.rejected = [str(rejection) for rejection in rejections]
         answered = {name for name, _ in accepted}
         record.missing = [s for s in self.expected_sites if s not in answered]
+        received = self.record(server_round - 1)
         for name, reply in accepted:
             metrics = reply.content["metrics"]
-            record.train[name] = {"loss": float(metrics["train-loss"]), "n": int(metrics[WEIGHT_KEY])}
+            record.train[name] = {"loss": float(metrics[TRAIN_LOSS]), "n": int(metrics[WEIGHT_KEY]),
+                                  **{key.replace("-", "_"): float(metrics[key])
+                                     for key in (COMPUTE_SECONDS, PEAK_MB) if key in metrics}}
             record.bytes_up[name] = record_bytes(reply.content["arrays"])
             record.bytes_down[name] = self._sent.get(reply.metadata.src_node_id, 0)
+            # The site's evaluation of the model it received: the global model after the last round.
+            received.evaluate[name] = dict(reply.content[EVALUATION].items())
+            del reply.content[EVALUATION]  # Flower's aggregation expects one MetricRecord
         self.on_event("train", record)
+        if accepted and server_round > 1:
+            self._judge(received, self._full)
+            if self.stages.of(received.round) != self.stage:
+                # The previous stage's last model was judged by that stage's patience; the new
+                # stage starts with all of its own.
+                self.schedule.restart(self.stages.start_lr(self.stage))
         valid = [reply for _, reply in accepted]
         if not valid:
             return None, None
         statistics = None
-        if self.statistic_keys:
-            statistics = aggregate_statistics([r.content for r in valid], keys=self.statistic_keys,
+        sent_statistics = self.statistic_keys.intersection(self._global)
+        if sent_statistics:
+            statistics = aggregate_statistics([r.content for r in valid], keys=sent_statistics,
                                               strategy=self.inner)
             for reply in valid:
                 reply.content["arrays"] = ArrayRecord(
-                    {k: a for k, a in reply.content["arrays"].items() if k not in self.statistic_keys}
+                    {k: a for k, a in reply.content["arrays"].items() if k not in sent_statistics}
                 )
         if isinstance(self.inner, MultiKrum) and not isinstance(self.inner, Krum):
             self.inner.num_nodes_to_select = max(1, len(valid) - self.inner.num_malicious_nodes)
@@ -323,7 +378,7 @@ class MedfedStrategy(Strategy):
         parameters, metrics = self.inner.aggregate_train(server_round, valid)
         if parameters is None:
             return None, metrics
-        merged = {**parameters, **(statistics or {})}
+        merged = {**self._full, **parameters, **(statistics or {})}
         # Keep the model's dtypes: server optimizers compute in float64.
         values = {k: np.asarray(merged[k].numpy(), dtype=self._dtypes[k]) for k in self._dtypes}
         if not all(np.isfinite(value).all() for value in values.values()):
@@ -339,18 +394,22 @@ class MedfedStrategy(Strategy):
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                            grid: Grid) -> Iterable[Message]:
         server_round += self.round_offset
-        if self.schedule.stopped:
+        # Every other round's model is evaluated by the next round's training replies.
+        if self.schedule.stopped or server_round != self.total_rounds:
             return []
         grid = self._grid(grid)
         self._available(grid)
         self._evaluated = arrays
-        return self._evaluation_messages(server_round, arrays, config, grid)
+        return self._evaluation_messages(server_round, arrays, config, grid,
+                                         stage=self.stages.of(server_round))
 
     def _evaluation_messages(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
-                             grid: Grid) -> list[Message]:
-        messages = self.inner.configure_evaluate(server_round, arrays, self._config(config), grid)
+                             grid: Grid, *, stage: str) -> list[Message]:
+        sent = self._stage_arrays(arrays, stage)
+        messages = self.inner.configure_evaluate(server_round, sent, self._config(config, stage),
+                                                 grid)
         self._sent = {}
-        return self._note_sent(messages, arrays)
+        return self._note_sent(messages, sent)
 
     def collect_evaluation(self, replies: Iterable[Message], record: RoundRecord) -> list[Message]:
         """Keep each readable evaluation reply's metrics in `record` and return those replies; an
@@ -376,16 +435,21 @@ class MedfedStrategy(Strategy):
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
         server_round += self.round_offset
         replies = self._sorted(replies)
-        if server_round not in self.rounds:
-            return None
+        if server_round not in self.rounds or server_round != self.total_rounds:
+            return None  # nothing was asked (see configure_evaluate)
         record = self.record(server_round)
-        # Only readable replies reach Flower, which ends the run when the replies' keys differ.
-        aggregated = self.inner.aggregate_evaluate(server_round,
-                                                   self.collect_evaluation(replies, record))
-        val_loss = float(aggregated["val-loss"]) if aggregated and "val-loss" in aggregated else float("nan")
+        self.collect_evaluation(replies, record)
+        return self._judge(record, self._evaluated)
+
+    def _judge(self, record: RoundRecord, arrays: ArrayRecord) -> MetricRecord | None:
+        """Aggregate the sites' evaluations of the global model after `record.round` (`arrays`)
+        and let the schedule judge it; keep it when it is the best so far."""
+        evaluations = [RecordDict({METRICS: MetricRecord(m)}) for _, m in sorted(record.evaluate.items())]
+        aggregated = mean_scalar_metrics(evaluations, WEIGHT_KEY) if evaluations else None
+        val_loss = float(aggregated["val-loss"]) if aggregated else float("nan")
         record.val_loss = val_loss
-        if self.schedule.step(server_round, val_loss) or self.best_arrays is None:
-            self.best_arrays = self._evaluated
+        if self.schedule.step(record.round, val_loss) or self.best_arrays is None:
+            self.best_arrays = arrays
         self.on_event("evaluate", record)
         return aggregated
 
@@ -394,7 +458,8 @@ class MedfedStrategy(Strategy):
         record = RoundRecord(round=self.schedule.best_round, lr=self.schedule.lr)
         grid = self._grid(grid)
         self._available(grid)
-        messages = self._evaluation_messages(0, arrays, ConfigRecord(), grid)
+        messages = self._evaluation_messages(0, arrays, ConfigRecord(), grid,
+                                             stage=self.stages.of(self.schedule.best_round))
         self.collect_evaluation(grid.send_and_receive(messages, timeout=timeout), record)
         return record
 
@@ -405,8 +470,9 @@ class MedfedStrategy(Strategy):
             "best_arrays": _numpy(self.best_arrays),
             "schedule": self.schedule.state_dict(),
             "dtypes": {k: str(v) for k, v in self._dtypes.items()},
-            # FedAdam/FedYogi (FedOpt) keep x_t and their moments between rounds.
-            "optimizer": {name: getattr(self.inner, name) for name in ("current_arrays", "m_t", "v_t")
+            "stage": self.stage,
+            # FedAdam/FedYogi (FedOpt) and FedAvgM keep x_t and their moments between rounds.
+            "optimizer": {name: _plain(getattr(self.inner, name)) for name in SERVER_OPTIMIZER_STATE
                           if hasattr(self.inner, name)},
         }
 
@@ -415,9 +481,19 @@ class MedfedStrategy(Strategy):
         self.best_arrays = _arrays(state["best_arrays"])
         self.schedule.load_state_dict(state["schedule"])
         self._dtypes = {k: np.dtype(v) for k, v in state["dtypes"].items()}
+        self.stage = state["stage"]
         for name, value in state["optimizer"].items():
-            setattr(self.inner, name, value)
+            setattr(self.inner, name, _arrays(value) if name in FEDAVGM_RECORDS
+                    and isinstance(self.inner, FedAvgM) else value)
         self.round_offset = max(self.rounds, default=0)
+
+
+# FedAvgM keeps these as ArrayRecords; the checkpoint holds plain arrays.
+FEDAVGM_RECORDS = ("current_arrays",)
+
+
+def _plain(value):
+    return _numpy(value) if isinstance(value, ArrayRecord) else value
 
 
 def _numpy(arrays: ArrayRecord | None) -> dict[str, np.ndarray] | None:

@@ -18,10 +18,14 @@ import numpy as np
 from flwr.app import ArrayRecord, Message, RecordDict
 
 from medfed.common.dataset import SPLITS
-from medfed.common.messages import EVALUATED_SPLITS, TRAIN_LOSS, WEIGHT_KEY, declared_name
+from medfed.common.messages import (
+    COMPUTE_SECONDS, EVALUATED_SPLITS, EVALUATION, PEAK_MB, TRAIN_LOSS, WEIGHT_KEY, declared_name,
+)
 from medfed.common.metrics import SCALARS
 
 TRAIN_METRICS = frozenset({WEIGHT_KEY, TRAIN_LOSS})
+# What the round cost the site, reported when measured (common/messages.train_metrics).
+COST_METRICS = frozenset({COMPUTE_SECONDS, PEAK_MB})
 # An evaluation reply's one MetricRecord, as sites send it (common/messages.evaluation_metrics):
 # Flower averages it across sites (and ends the run when the replies' keys differ), the report
 # reads its confusion matrices and histograms back (messages.split_metrics, label_histograms).
@@ -42,6 +46,7 @@ class RoundReference:
     sites: Collection[str]  # the study's sites, by name
     max_examples: int  # federation.max_examples: the cap on any site's num-examples
     norm_factor: float  # federation.norm_factor
+    num_classes: int  # the study's classes (a reply's evaluation counts per class)
     declared: Mapping[str, int] = field(default_factory=dict)  # training examples declared earlier
     registry: Mapping[int, str] | None = None  # Flower node id -> registered site (deployment)
 
@@ -76,7 +81,7 @@ def screen_evaluation(replies: Sequence[tuple[str, Message]], *, sites: Collecti
     into those the aggregate and the report can read and the rejections: the same identity rules
     as training replies, and the metric record `evaluation_problem` accepts."""
     reference = RoundReference(arrays={}, sites=sites, max_examples=max_examples, norm_factor=0.0,
-                               registry=registry)
+                               num_classes=num_classes, registry=registry)
     return _sort(replies, reference, lambda name, reply: evaluation_problem(
         reply.content, num_classes=num_classes, cap=max_examples))
 
@@ -119,17 +124,26 @@ def identity_problem(name: str, reply: Message, reference: RoundReference) -> st
 def content_problem(content: RecordDict, reference: RoundReference, *,
                     declared: int | None) -> str | None:
     """What is wrong with a reply's records, metrics and arrays, if anything."""
-    if set(content.array_records) != {"arrays"} or set(content.metric_records) != {"metrics"}:
-        return (f"expected one ArrayRecord 'arrays' and one MetricRecord 'metrics', got "
-                f"{_names(content.array_records)} and {_names(content.metric_records)}")
+    if (set(content.array_records) != {"arrays"}
+            or set(content.metric_records) != {"metrics", EVALUATION}):
+        return (f"expected one ArrayRecord 'arrays' and MetricRecords 'metrics' and "
+                f"'{EVALUATION}', got {_names(content.array_records)} and "
+                f"{_names(content.metric_records)}")
     metrics = content.metric_records["metrics"]
-    if problem := key_problem("metrics", got=set(metrics), expected=TRAIN_METRICS):
+    if problem := key_problem("metrics", got=set(metrics) - COST_METRICS, expected=TRAIN_METRICS):
         return problem
+    for key in COST_METRICS & set(metrics):
+        if not _finite_number(metrics[key]) or float(metrics[key]) < 0:
+            return f"{key} is {metrics[key]!r}, not a finite number of 0 or more"
     loss = metrics[TRAIN_LOSS]
     if not _finite_number(loss):
         return f"{TRAIN_LOSS} is {loss!r}, not a finite number"
     if problem := examples_problem(metrics[WEIGHT_KEY], declared=declared, cap=reference.max_examples):
         return problem
+    evaluation = RecordDict({"metrics": content.metric_records[EVALUATION]})
+    if problem := evaluation_problem(evaluation, num_classes=reference.num_classes,
+                                     cap=reference.max_examples):
+        return f"its evaluation of the model it received: {problem}"
     arrays = content.array_records["arrays"]
     if problem := key_problem("arrays", got=set(arrays), expected=set(reference.arrays)):
         return problem

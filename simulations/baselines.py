@@ -1,9 +1,10 @@
 """The reference modes of a comparison, in plain PyTorch and scikit-learn (no Flower here):
 centralized training on the pooled data, each site alone (local), and classical machine learning.
 
-Neural modes get the federated run's budget: rounds x local epochs passes over their own training
-data, with the same learning-rate reduction and early stopping on validation loss, keeping the
-best-validation model, so no mode wins by training longer or by choosing its model differently.
+Neural modes get the federated run's recipe and budget: the same stages (the head on cached
+frozen features, then the unfrozen stages), the same local epochs or steps per round, the same
+learning-rate reduction and early stopping on validation loss, keeping the best-validation
+model, so no mode wins by training longer or by choosing its model differently.
 """
 
 from __future__ import annotations
@@ -20,12 +21,13 @@ from sklearn.preprocessing import StandardScaler
 from sklearn.svm import SVC
 from torch import nn
 
-from medfed.common.training import train_local
+from medfed.common import features
 from medfed.common.config import Config
-from medfed.common.dataset import LabelledImages, TransformedImages
-from medfed.common.inference import evaluate
+from medfed.common.dataset import LabelledImages
+from medfed.common.inference import evaluate, evaluate_features
+from medfed.common.schedule import HEAD, PlateauSchedule, Stages
+from medfed.common.training import train_head, train_local
 from medfed.common.transforms import build_transform
-from medfed.common.schedule import PlateauSchedule
 
 CLASSICAL = ("svm-pixels", "rf-pixels", "svm-cnn", "rf-cnn")
 # Side of the downsampled image whose pixels feed the classical models (the seed paper's SVM/RF
@@ -34,26 +36,54 @@ PIXEL_SIDE = 32
 
 
 def train_epochs(model: nn.Module, train: LabelledImages, val: LabelledImages, *, config: Config,
-                 seed: int, device: torch.device) -> list[dict]:
-    """Train in place under the federated budget; leaves the best-validation weights loaded."""
-    train_transform = build_transform(model, config.data, train=True, seed=seed)
-    eval_transform = build_transform(model, config.data, train=False)
-    schedule = PlateauSchedule(lr=config.train.lr, federation=config.federation)
-    one_epoch = dataclasses.replace(config.train, local_epochs=1)
-    best = _state(model)
+                 seed: int, device: torch.device, sites: int = 1,
+                 frozen: dict[str, tuple[np.ndarray, np.ndarray]] | None = None) -> list[dict]:
+    """Train in place with the federated recipe and budget; leaves the best-validation weights
+    loaded. Each round: the head on cached frozen features or the unfrozen stages on images, as
+    the federation's stage schedule says, for `local_epochs` passes or `local_steps` x `sites`
+    steps (pooled data of several sites gets the steps all of them take in one round).
+    `frozen`: the train and val splits' frozen features when already computed (the sites'
+    caches), else computed here once."""
+    stages = Stages.of_config(config)
+    schedule = PlateauSchedule(lr=stages.start_lr(stages.of(1)), federation=config.federation)
+    steps = config.train.local_steps
+    budget = dataclasses.replace(config.train, local_steps=None if steps is None else steps * sites)
+    head = features.classifier(model)
+    cached = frozen or {}
+    best, kept = _state(model), 0
     history = []
-    for epoch in range(1, config.federation.rounds * config.train.local_epochs + 1):
-        loss = train_local(model, train, transform=train_transform, config=one_epoch,
-                           lr=schedule.lr, proximal_mu=0.0, device=device, seed=seed * 1_009 + epoch)
-        result = evaluate(model, val, transform=eval_transform, batch_size=config.train.batch_size,
-                          device=device)
-        if schedule.step(epoch, result["loss"]):
-            best = _state(model)
-        history.append({"round": epoch, "train_loss": loss, "val_loss": result["loss"],
-                        "val_auc": result["auc"]})
+    stage = stages.of(1)
+    for server_round in range(1, config.federation.rounds + 1):
+        if stages.of(server_round) != stage:
+            stage = stages.of(server_round)
+            schedule.restart(stages.start_lr(stage))
+        round_seed = seed * 1_009 + server_round
+        if stage == HEAD:
+            if not cached:
+                cached = {name: features.site_features(model, data, config=config,
+                                                       train=name == "train", cache_dir=None,
+                                                       device=device)
+                          for name, data in (("train", train), ("val", val))}
+            loss = train_head(head, *cached["train"], config=budget, lr=schedule.lr,
+                              proximal_mu=0.0, device=device, seed=round_seed)
+            result = evaluate_features(head, *cached["val"], batch_size=config.train.batch_size,
+                                       device=device)
+        else:
+            loss = train_local(model, train, config=budget, lr=schedule.lr, proximal_mu=0.0,
+                               device=device, seed=round_seed,
+                               transform=build_transform(model, config.data, train=True,
+                                                         seed=round_seed))
+            result = evaluate(model, val, transform=build_transform(model, config.data, train=False),
+                              batch_size=config.train.batch_size, device=device)
+        if schedule.step(server_round, result["loss"]):
+            best, kept = _state(model), server_round
+        history.append({"round": server_round, "stage": stage, "train_loss": loss,
+                        "val_loss": result["loss"], "val_auc": result["auc"]})
         if schedule.stopped:
             break
     model.load_state_dict(best)
+    for entry in history:
+        entry["kept"] = entry["round"] == kept
     return history
 
 
@@ -66,20 +96,6 @@ def pixel_features(data: LabelledImages) -> np.ndarray:
     gray = data.images if data.images.ndim == 3 else data.images.mean(axis=3).astype(np.uint8)
     small = [cv2.resize(image, (PIXEL_SIDE, PIXEL_SIDE), interpolation=cv2.INTER_AREA) for image in gray]
     return np.stack(small).reshape(len(small), -1).astype(np.float32) / 255.0
-
-
-@torch.no_grad()
-def cnn_features(model: nn.Module, data: LabelledImages, *, config: Config,
-                 device: torch.device) -> np.ndarray:
-    """Pooled penultimate features of a frozen pretrained backbone (timm's pre_logits)."""
-    model.to(device).eval()
-    loader = torch.utils.data.DataLoader(
-        TransformedImages(data, build_transform(model, config.data, train=False)),
-        batch_size=config.train.batch_size * 2, shuffle=False,
-    )
-    chunks = [model.forward_head(model.forward_features(images.to(device)), pre_logits=True).cpu()
-              for images, _ in loader]
-    return torch.cat(chunks).numpy()
 
 
 def classical_model(kind: str, *, seed: int):

@@ -23,6 +23,7 @@ import numpy as np
 import torch
 import yaml
 
+from medfed.common import features
 from medfed.common.config import Config, comparison_plan, validate
 from medfed.common.dataset import LabelledImages, TransformedImages
 from medfed.common.files import claim_run_dir, save_torch, write_json
@@ -32,6 +33,8 @@ from medfed.common.splits import subsample
 from medfed.common.transforms import build_transform
 from medfed.simulations import baselines
 from medfed.simulations.evidence import RUNS_FILE, write_evidence
+from medfed.client.site_data import simulated_site_name, state_dir
+from medfed.common.schedule import HEAD, Stages
 from medfed.simulations.run import Prepared, prepare, run_federation, save_sites
 
 
@@ -103,6 +106,7 @@ def run_modes(prepared: Prepared, config: Config, *, modes: list[str], run_dir: 
     save_sites(prepared, sites_dir)
     device = pick_device(config.train.device)
     num_classes = len(prepared.dataset["classes"])
+    frozen = FrozenFeatures(prepared, config, sites_dir=sites_dir, device=device)
     predictions: dict[str, np.ndarray] = {}
     entry = {"sites": _site_summary(prepared, num_classes), "modes": {}}
     for mode in modes:
@@ -112,31 +116,37 @@ def run_modes(prepared: Prepared, config: Config, *, modes: list[str], run_dir: 
             report = run_federation(prepared, mode_config, run_dir=run_dir / mode, sites_dir=sites_dir,
                                     progress=progress, verbose=verbose)
             model = load_saved_model(run_dir / mode / "global_model.pt", num_classes=num_classes)
+            head_only = mode == "federated" and Stages.of_config(config).of(report["final"]["model_round"]) == HEAD
             predictions |= _predict_all(model, prepared, config=mode_config, device=device,
-                                        prefix=f"{mode}|global")
+                                        prefix=f"{mode}|global", frozen=frozen if head_only else None)
             entry["modes"][mode] = {"history": _federated_history(report),
                                     "bytes": _bytes(report)}
         elif mode == "centralized":
             progress("centralized: pooled training data of all sites")
             model = build_model(config.model, num_classes=num_classes, seed=config.seed)
             history = baselines.train_epochs(model, _pool(prepared, "train"), _pool(prepared, "val"),
-                                             config=config, seed=config.seed, device=device)
+                                             config=config, seed=config.seed, device=device,
+                                             sites=len(prepared.sites),
+                                             frozen=frozen.pooled() if frozen.used else None)
             _save_model(model, run_dir / "centralized" / "model.pt", config=config)
             predictions |= _predict_all(model, prepared, config=config, device=device,
-                                        prefix="centralized|global")
+                                        prefix="centralized|global",
+                                        frozen=frozen if _head_only(history) else None)
             entry["modes"][mode] = {"history": history, "bytes": None}
         elif mode == "local":
             for site, splits in prepared.sites.items():
                 progress(f"local: {site} alone ({len(splits['train'])} training images)")
                 model = build_model(config.model, num_classes=num_classes, seed=config.seed)
-                baselines.train_epochs(model, splits["train"], splits["val"], config=config,
-                                       seed=config.seed, device=device)
+                history = baselines.train_epochs(model, splits["train"], splits["val"],
+                                                 config=config, seed=config.seed, device=device,
+                                                 frozen=frozen.site(site) if frozen.used else None)
                 predictions |= _predict_all(model, prepared, config=config, device=device,
-                                            prefix=f"local|{site}", only_site=site)
+                                            prefix=f"local|{site}", only_site=site,
+                                            frozen=frozen if _head_only(history) else None)
             entry["modes"][mode] = {"history": None, "bytes": None}
         else:
             progress("classical: SVM and random forest on pixels and on frozen CNN features")
-            for variant, (values, wall) in _classical(prepared, config, device=device).items():
+            for variant, (values, wall) in _classical(prepared, config, frozen=frozen).items():
                 predictions |= values
                 entry["modes"][f"classical-{variant}"] = {"history": None, "bytes": None,
                                                           "wall_s": wall}
@@ -157,6 +167,7 @@ def _scratch(config: Config) -> Config:
     so every layer trains."""
     scratch = copy.deepcopy(config)
     scratch.model.weights, scratch.model.freeze = "none", "0"
+    scratch.federation.head_rounds = 0
     return scratch
 
 
@@ -170,48 +181,107 @@ def _prediction_sets(prepared: Prepared, only_site: str | None) -> dict[str, Lab
 
 
 def _predict_all(model, prepared: Prepared, *, config: Config, device: torch.device, prefix: str,
-                 only_site: str | None = None) -> dict[str, np.ndarray]:
-    """Labels and class probabilities of `model` on every split it is judged on."""
+                 only_site: str | None = None, frozen: FrozenFeatures | None = None
+                 ) -> dict[str, np.ndarray]:
+    """Labels and class probabilities of `model` on every split it is judged on; from the frozen
+    features when only its classifier was trained (the same numbers, without the backbone)."""
     transform = build_transform(model, config.data, train=False)
     out = {}
     for name, data in _prediction_sets(prepared, only_site).items():
-        loader = torch.utils.data.DataLoader(TransformedImages(data, transform),
-                                             batch_size=config.train.batch_size * 2)
-        y, probs, _ = predict(model.to(device), loader, device)
+        if frozen is not None:
+            values, labels = frozen.named(name)
+            dataset = torch.utils.data.TensorDataset(torch.from_numpy(values),
+                                                     torch.from_numpy(labels.astype(np.int64)))
+            loader = torch.utils.data.DataLoader(dataset, batch_size=config.train.batch_size * 2)
+            y, probs, _ = predict(features.classifier(model).to(device), loader, device)
+        else:
+            loader = torch.utils.data.DataLoader(TransformedImages(data, transform),
+                                                 batch_size=config.train.batch_size * 2)
+            y, probs, _ = predict(model.to(device), loader, device)
         out[f"{prefix}|{name}|y"], out[f"{prefix}|{name}|p"] = y, probs.astype(np.float32)
     model.cpu()
     return out
 
 
-def _classical(prepared: Prepared, config: Config, *, device: torch.device) -> dict[str, dict]:
+def _head_only(history: list[dict]) -> bool:
+    """Whether the kept model came from a head round (or is the model as built)."""
+    return all(h["stage"] == HEAD for h in history if h["kept"])
+
+
+class FrozenFeatures:
+    """Every split's frozen features for one seed's sites, computed once and shared by all
+    modes: the same per-site cache files the federated run's virtual sites read and write
+    (client/site_data.state_dir), so no image goes through the frozen backbone twice."""
+
+    def __init__(self, prepared: Prepared, config: Config, *, sites_dir: Path,
+                 device: torch.device) -> None:
+        self.prepared, self.config, self.device, self.sites_dir = prepared, config, device, sites_dir
+        self.used = Stages.of_config(config).head_rounds > 0
+        self.model = build_model(config.model, num_classes=len(prepared.dataset["classes"]),
+                                 seed=config.seed)
+        self.dirs = {site: state_dir({}, sites_dir / f"{simulated_site_name(i)}.npz") / "features"
+                     for i, site in enumerate(prepared.sites)}
+        self.dirs["global"] = sites_dir / "global-state" / "features"
+
+    def plain(self) -> FrozenFeatures:
+        """The same sites' features of the plain images only (no augmented views)."""
+        config = copy.deepcopy(self.config)
+        config.train.feature_views = 0
+        return FrozenFeatures(self.prepared, config, sites_dir=self.sites_dir, device=self.device)
+
+    def _of(self, owner: str, data: LabelledImages, *, train: bool) -> tuple[np.ndarray, np.ndarray]:
+        return features.site_features(self.model, data, config=self.config, train=train,
+                                      cache_dir=self.dirs[owner], device=self.device)
+
+    def site(self, site: str) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+        splits = self.prepared.sites[site]
+        return {split: self._of(site, splits[split], train=split == "train")
+                for split in ("train", "val")}
+
+    def pooled(self) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+        parts = [self.site(site) for site in self.prepared.sites]
+        return {split: (np.concatenate([p[split][0] for p in parts]),
+                        np.concatenate([p[split][1] for p in parts])) for split in ("train", "val")}
+
+    def named(self, name: str, *, train: bool = False) -> tuple[np.ndarray, np.ndarray]:
+        """A prediction set's features by its name: `global/test`, `<site>/<split>`."""
+        owner, split = name.rsplit("/", 1)
+        data = self.prepared.global_test if owner == "global" else self.prepared.sites[owner][split]
+        return self._of(owner, data, train=train)
+
+
+def _classical(prepared: Prepared, config: Config, *, frozen: FrozenFeatures) -> dict[str, dict]:
     """Predictions and wall time of each classical variant, trained on the pooled training data.
 
-    Features are computed once per kind; a variant's time is its features' time plus its own
-    fitting and prediction, i.e. what it would cost alone."""
+    Features are computed once per kind (CNN features: the classifier's input, the same frozen
+    features the head stage trains on, plain images only); a variant's time is its features'
+    time plus its own fitting and prediction, i.e. what it would cost alone (a cached feature
+    file costs only its reading)."""
     sets = {"train": _pool(prepared, "train"), **_prediction_sets(prepared, None)}
-    backbone = build_model(config.model, num_classes=len(prepared.dataset["classes"]),
-                           seed=config.seed)
+    cnn = frozen.plain()
     extract = {
-        "pixels": baselines.pixel_features,
-        "cnn": lambda data: baselines.cnn_features(backbone, data, config=config, device=device),
+        "pixels": lambda name, data: baselines.pixel_features(data),
+        "cnn": lambda name, data: (np.concatenate([cnn.named(f"{site}/train")[0]
+                                                   for site in prepared.sites])
+                                   if name == "train" else cnn.named(name)[0]),
     }
-    features, feature_time = {}, {}
+    computed, feature_time = {}, {}
     for source, function in extract.items():
         started = time.perf_counter()
-        features[source] = {name: function(data) for name, data in sets.items()}
+        computed[source] = {name: function(name, data) for name, data in sets.items()}
         feature_time[source] = time.perf_counter() - started
     results = {}
     for variant in baselines.CLASSICAL:
         kind, source = variant.split("-")
         started = time.perf_counter()
         model = baselines.classical_model(kind, seed=config.seed)
-        model.fit(features[source]["train"], sets["train"].labels)
+        model.fit(computed[source]["train"], sets["train"].labels)
         values = {}
         for name, data in sets.items():
             if name == "train":
                 continue
             probs = np.zeros((len(data), len(prepared.dataset["classes"])), dtype=np.float32)
-            probs[:, model.classes_] = model.predict_proba(features[source][name])
+            probs[:, model.classes_] = model.predict_proba(computed[source][name])
             values[f"classical-{variant}|global|{name}|y"] = data.labels
             values[f"classical-{variant}|global|{name}|p"] = probs
         results[variant] = (values, feature_time[source] + time.perf_counter() - started)

@@ -23,6 +23,7 @@ from medfed.common.dataset import load_splits
 from medfed.common.errors import MedfedError
 from medfed.common.files import write_atomic, write_json
 from medfed.common.metrics import SCALARS, classification_metrics
+from medfed.common.schedule import Stages
 from medfed.common.model import OFFLINE_IMAGENET, build_model, count_parameters, load_saved_model
 from medfed.common.transforms import build_transform
 from medfed.common.versions import versions
@@ -230,11 +231,29 @@ def _data_efficiency(runs: list[dict]) -> dict:
 
 
 def _budget(config) -> str:
-    rounds, epochs = config.federation.rounds, config.train.local_epochs
-    return (f"{rounds} rounds x {epochs} local epoch{'s' if epochs > 1 else ''}: every neural mode "
-            f"passes over its training data at most {rounds * epochs} times, with the same "
-            f"learning-rate reduction and early stopping on validation loss; classical models are "
-            f"fit once on the pooled training data")
+    t, f = config.train, config.federation
+    rounds = f.rounds
+    work = (f"{t.local_steps} optimizer steps" if t.local_steps is not None
+            else f"{t.local_epochs} local epoch{'s' if t.local_epochs > 1 else ''}")
+    head = Stages.of_config(config).head_rounds
+    if head >= rounds:
+        stages = "every round trains the classifier alone on cached frozen features"
+    elif head:
+        stages = (f"{_rounds(1, head)} train the classifier alone on cached frozen features, "
+                  f"{_rounds(head + 1, rounds)} fine-tune the unfrozen stages")
+    else:
+        stages = "every round fine-tunes the unfrozen stages"
+    views = (f"; the head trains on {t.feature_views} augmented view(s) per training image"
+             if t.feature_views else "")
+    return (f"{rounds} rounds x {work} ({stages}{views}): every neural mode gets the same rounds "
+            f"and per-round work (centralized: the steps of all sites together), the same "
+            f"learning-rate reduction, early stopping and choice of model on the smoothed "
+            f"validation loss; scratch trains every layer from random weights; classical models "
+            f"are fit once on the pooled training data")
+
+
+def _rounds(first: int, last: int) -> str:
+    return f"round {first}" if first == last else f"rounds {first}-{last}"
 
 
 def _model_card(config, *, num_classes: int) -> dict:

@@ -30,7 +30,6 @@ from medfed.server.app import make_server_app
 from medfed.simulations import attacks
 from medfed.simulations.partition import partition
 
-MEDMNIST_IMAGE_SIZE = 64
 CITATION = (
     "MedMNIST v2 (CC BY 4.0): Yang, Shi, Wei, Liu, Zhao, Ke, Pfister, Ni, \"MedMNIST v2 - A "
     "large-scale lightweight benchmark for 2D and 3D biomedical image classification\", "
@@ -68,7 +67,7 @@ def prepare(config: Config, *, fold: tuple[int, int] | None = None) -> Prepared:
 
 def _prepare_medmnist(config: Config, *, fold: tuple[int, int] | None) -> Prepared:
     if config.data.image_size is None:
-        config.data.image_size = MEDMNIST_IMAGE_SIZE
+        config.data.image_size = native_input_size(config.model.backbone)
     path = locate(config.data.dataset, config.data.resolution, data_dir(config.data.data_dir))
     info = DATASETS[config.data.dataset]
     classes = info["labels"]

@@ -4,6 +4,9 @@ Real MedMNIST files live outside the repository, in a `shared/` folder beside th
 (CI clones main elsewhere and copies `shared/` beside it). `$MEDFED_DATA_DIR` overrides the
 search (it is then the only place looked at). Tests that need the files skip, with the reason,
 when the files are not there.
+
+`evaluation_record` is the one helper tests share for a site's evaluation record (the flat
+MetricRecord of an evaluation reply, and of a training reply's `evaluation` record).
 """
 
 from __future__ import annotations
@@ -13,11 +16,35 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from flwr.app import MetricRecord
 
 from medfed.common.dataset import LabelledImages, load_splits
+from medfed.common.messages import EVALUATED_SPLITS, evaluation_metrics
+from medfed.common.metrics import SCALARS
 
 DATA_ENV = "MEDFED_DATA_DIR"
 REQUIRED_FILES = ("breastmnist.npz", "pneumoniamnist.npz")
+
+
+def per_class(total: int, num_classes: int) -> list[int]:
+    """`total` examples spread as evenly as possible over `num_classes` classes."""
+    return [total // num_classes + (i < total % num_classes) for i in range(num_classes)]
+
+
+def evaluation_record(n: int = 10, *, num_classes: int = 2, val_loss: float = 0.5,
+                      train_histogram: list[int] | None = None) -> MetricRecord:
+    """A valid evaluation record for `n` validation examples and `num_classes` classes, built by
+    the sites' own builder (messages.evaluation_metrics): every scalar 0.5, the val and test
+    splits `n` examples each, spread evenly and all predicted right. `train_histogram` (default:
+    1,000 examples spread evenly) is what the site declares it trains on, the bound on the
+    `num-examples` of its later training replies."""
+    val = per_class(n, num_classes)
+    matrix = np.diag(val).tolist()
+    results = {split: {**{name: 0.5 for name in SCALARS}, "loss": val_loss,
+                       "confusion_matrix": matrix} for split in EVALUATED_SPLITS}
+    train = per_class(1000, num_classes) if train_histogram is None else list(train_histogram)
+    return evaluation_metrics(results, histograms={"train": train, "val": val, "test": list(val)},
+                              num_examples=n)
 
 
 def _candidate_data_dirs() -> list[Path]:

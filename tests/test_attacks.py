@@ -10,6 +10,7 @@ import re
 import numpy as np
 import pytest
 from commands import TINY, medfed
+from conftest import evaluation_record
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 # task_identity is test_strategy's autouse fixture: imported, it applies here too.
 from test_strategy import task_identity
@@ -18,6 +19,7 @@ from medfed.client import app as medfed_client
 from medfed.common.config import Config, check_deployment, check_sites, set_value, validate
 from medfed.common.dataset import LabelledImages
 from medfed.common.errors import MedfedError
+from medfed.common.messages import EVALUATION
 from medfed.simulations import attacks
 from medfed.simulations.report_html import render_markdown
 
@@ -38,11 +40,13 @@ def train_message(received: dict[str, np.ndarray], *, server_round: int = 3) -> 
 
 
 def site_app(site: str, trained: dict[str, np.ndarray]):
-    """What call_next stands for: the site's own train function replying with `trained`."""
+    """What call_next stands for: the site's own train function replying with `trained` and its
+    evaluation of the model it received."""
     def call_next(message: Message, context) -> Message:
         content = RecordDict({
             "arrays": ArrayRecord({k: Array(v.copy()) for k, v in trained.items()}),
             "metrics": MetricRecord({"num-examples": 10, "train-loss": 0.5}),
+            EVALUATION: evaluation_record(),
             "site": ConfigRecord({"name": site}),
         })
         return Message(content=content, reply_to=message)
@@ -63,6 +67,7 @@ def test_honest_sites_replies_pass_unchanged(kind):
     for key in KEYS:
         np.testing.assert_array_equal(sent[key], trained[key])
     assert reply.content["metrics"]["num-examples"] == 10
+    assert dict(reply.content[EVALUATION].items()) == dict(evaluation_record().items())
     assert reply.content["site"]["name"] == "site-2"
 
 
@@ -75,8 +80,10 @@ def test_sign_flip_reverses_and_scales_the_attackers_update(site):
         assert sent[key].dtype == np.float32 and sent[key].shape == trained[key].shape
     for key in ("bn.running_mean", "bn.running_var"):  # statistics go back as trained
         np.testing.assert_array_equal(sent[key], trained[key])
-    # Everything but the arrays is the site's own reply.
+    # Everything but the arrays is the site's own reply, its evaluation included.
     assert reply.content["metrics"]["train-loss"] == 0.5
+    assert dict(reply.content[EVALUATION].items()) == dict(evaluation_record().items())
+    assert set(reply.content.metric_records) == {"metrics", EVALUATION}
     assert reply.content["site"]["name"] == site
 
 
@@ -159,8 +166,8 @@ def configured(**values) -> Config:
     ({"attack__kind": "noise", "attack__sites": 1, "attack__scale": 0},
      "'attack.scale' has invalid value 0.0; allowed: a number > 0"),
     ({"federation__byzantine": -1}, "'federation.byzantine' has invalid value -1"),
-    ({"federation__strategy": "trimmed"}, "allowed: fedavg, fedprox, fedadam, fedyogi, fedmedian, "
-                                          "fedtrimmedavg, krum, multikrum, bulyan"),
+    ({"federation__strategy": "trimmed"}, "allowed: fedavg, fedprox, fedadam, fedyogi, fedavgm, "
+                                          "fedmedian, fedtrimmedavg, krum, multikrum, bulyan"),
 ])
 def test_config_refuses_bad_attack_and_robustness_settings(values, fragment):
     with pytest.raises(MedfedError, match=re.escape(fragment)):

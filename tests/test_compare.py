@@ -8,7 +8,7 @@ import re
 
 import numpy as np
 import pytest
-from commands import TINY, medfed
+from commands import TINY, TINY_WEIGHTS, medfed
 
 MODES = ["federated", "centralized", "local", "scratch", "classical-svm-pixels",
          "classical-rf-pixels", "classical-svm-cnn", "classical-rf-cnn"]
@@ -18,7 +18,7 @@ MODES = ["federated", "centralized", "local", "scratch", "classical-svm-pixels",
 def comparison(tmp_path_factory, medmnist_dir):
     out = tmp_path_factory.mktemp("compare") / "all-modes"
     result = medfed("simulate", "--dataset", "breastmnist", "--sites", "2", "--alpha", "1.0",
-                    "--rounds", "1", "--seeds", "0,1", *TINY, "--out", str(out),
+                    "--rounds", "1", "--seeds", "0,1", *TINY, "--out", str(out), "--compare", "all",
                     "--set", "evidence.bootstrap=200", data_dir=medmnist_dir)
     assert result.returncode == 0, result.stdout + result.stderr
     return out, json.loads((out / "report.json").read_text()), result.stdout
@@ -92,7 +92,7 @@ def test_html_report_is_self_contained_with_gradcam(comparison):
         assert entry["site"] in report["sites"]
     assert html.count("data:image/png;base64,") >= len(report["gradcam"])
     card = report["model_card"]
-    assert card["backbone"] == "test_efficientnet" and card["weights_source"] == "random initialisation"
+    assert card["backbone"] == "test_efficientnet" and card["weights_source"] == f"checkpoint {TINY_WEIGHTS}"
     assert card["input_size"] == 32 and len(card["mean"]) == 3
 
 

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from commands import MEDFED
+from commands import MEDFED, TINY_WEIGHTS
 
 from medfed.common.dataset import load_splits, save_splits
 from medfed.common.processes import FlowerCommandError, flwr_json, free_port
@@ -48,7 +48,7 @@ pytestmark = pytest.mark.skipif(_nginx_missing() is not None, reason=str(_nginx_
 SITES = ["hospital-a", "hospital-b", "hospital-c"]
 STUDY = {
     "data": {"classes": ["malignant", "normal, benign"], "image_size": 32},
-    "model": {"backbone": "test_efficientnet", "weights": "none"},
+    "model": {"backbone": "test_efficientnet", "weights": TINY_WEIGHTS},
     "train": {"device": "cpu"},
     "federation": {"rounds": 2, "round_timeout": 120},
 }

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from commands import MEDFED, TINY
+from commands import MEDFED, TINY, TINY_WEIGHTS
 
 from medfed.common.processes import alive, descendants, free_port
 
@@ -289,7 +289,7 @@ def test_ctrl_c_before_the_simulation_engine_starts(tmp_path, medmnist_dir):
 SITE = "hospital-a"
 STUDY = {
     "data": {"classes": ["malignant", "normal, benign"], "image_size": 32},
-    "model": {"backbone": "test_efficientnet", "weights": "none"},
+    "model": {"backbone": "test_efficientnet", "weights": TINY_WEIGHTS},
     "train": {"device": "cpu"},
     "federation": {"rounds": 3, "round_timeout": 120},
 }

@@ -35,6 +35,7 @@ from flwr.app import (
 )
 from flwr.supercore.task_identity import TaskIdentity
 
+from conftest import evaluation_record
 from imagefiles import write_dicom
 from medfed.common.config import (
     Config, comparison_plan, from_dict, load_yaml, parse_assignment, set_value, validate,
@@ -42,11 +43,11 @@ from medfed.common.config import (
 from medfed.common.errors import MedfedError
 from medfed.common.imaging import ImageReadError, is_dicom, read_image
 from medfed.common.messages import (
-    EVALUATED_SPLITS, WEIGHT_KEY, evaluation_metrics, round_config, split_metrics,
+    EVALUATED_SPLITS, EVALUATION, WEIGHT_KEY, evaluation_metrics, round_config, split_metrics,
 )
 from medfed.common.metrics import SCALARS
 from medfed.server.report import build_report, render_markdown
-from medfed.common.schedule import PlateauSchedule
+from medfed.common.schedule import FINETUNE, HEAD, PlateauSchedule, Stages
 from medfed.server.strategy import MedfedStrategy, make_flower_strategy, site_name
 from medfed.simulations.partition import partition
 
@@ -457,7 +458,9 @@ STRATEGIES = ("fedavg", "fedprox", "fedmedian", "fedtrimmedavg", "fedadam", "kru
 MAX_EXAMPLES = 1000
 
 
-def tiny_strategy(name: str, *, sites: int, registry: dict[int, str] | None) -> MedfedStrategy:
+def tiny_strategy(name: str, *, sites: int, registry: dict[int, str] | None,
+                  rounds: int = 10) -> MedfedStrategy:
+    """Every round fine-tunes (no head stage): all of GLOBAL travels."""
     TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 1, 0
     config = Config()
     config.federation.strategy = name
@@ -465,6 +468,9 @@ def tiny_strategy(name: str, *, sites: int, registry: dict[int, str] | None) -> 
         make_flower_strategy(config, num_sites=sites),
         statistic_keys=STATISTICS,
         schedule=PlateauSchedule(lr=config.train.lr, federation=config.federation),
+        stages=Stages(head_rounds=0, head_lr=config.train.head_lr, lr=config.train.lr),
+        stage_keys={HEAD: ["conv.weight"], FINETUNE: list(GLOBAL)},
+        rounds=rounds,
         round_config=round_config(config, classes=CLASSES),
         expected_sites=[f"site-{i}" for i in range(sites)], min_sites=1, wait_s=0.0,
         norm_factor=config.federation.norm_factor, max_examples=MAX_EXAMPLES, registry=registry,
@@ -478,7 +484,7 @@ NUMBERS = st.one_of(
 DTYPES = ("float16", "float32", "float64", "int32", "int64", "uint8", "bool", "complex64")
 ARRAY_DAMAGE = ("nan", "inf", "huge", "drop", "extra", "dtype", "shape", "bytes", "stype", "empty")
 RECORD_DAMAGE = ("n", "loss", "drop metric", "extra metric", "more arrays", "no arrays",
-                 "no metrics", "more metrics")
+                 "no metrics", "more metrics", "evaluation", "no evaluation")
 
 
 def _honest(draw) -> bool:
@@ -517,8 +523,9 @@ def _damage_array(draw, arrays: dict, kind: str) -> None:
 
 @st.composite
 def train_contents(draw, *, site: str | None) -> RecordDict:
-    """A training reply: the global arrays moved a little, a plausible count and loss; or that
-    with one or two kinds of damage to its arrays, metrics or records."""
+    """A training reply: the global arrays moved a little, a plausible count and loss, and the
+    site's evaluation of the model it received; or that with one or two kinds of damage to its
+    arrays, metrics, evaluation or records."""
     rng = np.random.default_rng(draw(st.integers(0, 2**16)))
     scale = draw(st.sampled_from([0.0, 1e-3, 0.1, 1.0]))
     arrays: dict[str, object] = {
@@ -538,16 +545,21 @@ def train_contents(draw, *, site: str | None) -> RecordDict:
             metrics.pop(draw(st.sampled_from([WEIGHT_KEY, "train-loss"])), None)
         elif kind == "extra metric":
             metrics[draw(st.sampled_from(["val-loss", "junk"]))] = draw(NUMBERS)
+    evaluation = _valid_evaluation(draw)
+    if "evaluation" in damage:
+        _damage_evaluation(draw, evaluation)
     content = RecordDict({
         "arrays": ArrayRecord({k: v if isinstance(v, Array) else Array(np.asarray(v))
                                for k, v in arrays.items()}),
-        "metrics": MetricRecord(metrics)})
+        "metrics": MetricRecord(metrics), EVALUATION: MetricRecord(evaluation)})
     if "more arrays" in damage:
         content["more"] = ArrayRecord({"x": Array(np.zeros(2, np.float32))})
     if "no arrays" in damage:
         del content["arrays"]
     if "no metrics" in damage:
         del content["metrics"]
+    if "no evaluation" in damage:
+        del content[EVALUATION]
     if "more metrics" in damage:
         content["extra"] = MetricRecord({"x": 1.0})
     if site is not None:
@@ -610,10 +622,16 @@ def test_training_replies_are_aggregated_or_rejected_with_a_reason(name, data, s
     _accounted(replies, record, kept=record.train, rejected=record.rejected)
     event(f"{len(record.train)} accepted")
     event(f"{len(record.rejected)} rejected")
+    if any(": its evaluation of the model it received: " in line for line in record.rejected):
+        event("an evaluation rejected")
     for site, values in record.train.items():
         assert site in strategy.expected_sites
         assert isinstance(values["n"], int) and 1 <= values["n"] <= MAX_EXAMPLES
         assert math.isfinite(values["loss"])
+    # The evaluations of the model the sites received (round 0's) are kept for exactly the
+    # accepted replies, and the report can read each of them.
+    assert set(strategy.rounds[0].evaluate) == set(record.train)
+    _readable(strategy.rounds[0].evaluate)
     if not record.train:
         assert arrays is None
         return
@@ -667,10 +685,13 @@ def test_updates_near_the_float32_limit_never_make_the_global_model_inf(name, si
         replies.append(Message(RecordDict({
             "arrays": ArrayRecord({k: Array(v) for k, v in arrays.items()}),
             "metrics": MetricRecord({WEIGHT_KEY: 10 + i, "train-loss": 0.5}),
+            EVALUATION: evaluation_record(5, num_classes=len(CLASSES)),
             "site": ConfigRecord({"name": f"site-{i}"})}), reply_to=message))
 
     arrays, _ = strategy.aggregate_train(1, replies)
 
+    # Only their size may count against these replies; their records are all valid.
+    assert all("update norm" in r for r in strategy.rounds[1].rejected)
     if arrays is None:
         assert name == "bulyan" or any("not finite" in f for f in strategy.rounds[1].failures)
     else:
@@ -689,6 +710,15 @@ def _decoded(reply: Message) -> dict[str, np.ndarray] | None:
 
 def _name(reply: Message, strategy: MedfedStrategy) -> str:
     return site_name(reply, strategy.registry)
+
+
+def _readable(evaluations: dict[str, dict]) -> None:
+    """The report's reading of each kept evaluation record works and adds up."""
+    for raw in evaluations.values():
+        for split in EVALUATED_SPLITS:
+            metrics = split_metrics(raw, split, len(CLASSES))
+            assert np.asarray(metrics["confusion_matrix"]).shape == (len(CLASSES), len(CLASSES))
+            assert metrics["n"] == sum(raw[f"{split}-histogram"])
 
 
 def _valid_evaluation(draw) -> dict:
@@ -711,13 +741,10 @@ def _valid_evaluation(draw) -> dict:
                                    num_examples=sum(histograms["val"])))
 
 
-@st.composite
-def evaluation_contents(draw, *, site: str | None) -> RecordDict:
-    """An evaluation reply as a site builds it; or that with up to three of its values dropped,
-    replaced, made lists, or (lists) cut short, lengthened or made negative; or an extra record."""
-    metrics = _valid_evaluation(draw)
-    honest = _honest(draw)
-    for _ in range(0 if honest else draw(st.integers(1, 3))):
+def _damage_evaluation(draw, metrics: dict) -> None:
+    """Up to three of an evaluation record's values dropped, replaced, made lists, or (lists)
+    cut short, lengthened or made negative."""
+    for _ in range(draw(st.integers(1, 3))):
         key = draw(st.sampled_from([*sorted(metrics), "junk", "val-extra"]))
         kind = draw(st.sampled_from(["drop", "value", "list", "shorter", "longer", "negative"]))
         if kind == "drop":
@@ -736,6 +763,16 @@ def evaluation_contents(draw, *, site: str | None) -> RecordDict:
             else:
                 values[0] = -1 if isinstance(values[0], int) else -1.0
             metrics[key] = values
+
+
+@st.composite
+def evaluation_contents(draw, *, site: str | None) -> RecordDict:
+    """An evaluation reply as a site builds it; or that with up to three of its values damaged
+    (`_damage_evaluation`), or an extra record."""
+    metrics = _valid_evaluation(draw)
+    honest = _honest(draw)
+    if not honest:
+        _damage_evaluation(draw, metrics)
     content = RecordDict({"metrics": MetricRecord(metrics)})
     if not honest and draw(st.integers(0, 4)) == 0:
         content["extra"] = MetricRecord({"x": 1.0})
@@ -750,7 +787,8 @@ def evaluation_contents(draw, *, site: str | None) -> RecordDict:
 def test_evaluation_replies_are_kept_or_rejected_and_the_report_reads_what_was_kept(
         data, name, sites, registered):
     registry = {i + 1: f"site-{i}" for i in range(sites)} if registered else None
-    strategy = tiny_strategy(name, sites=sites, registry=registry)
+    # One round: the last round, the one whose aggregate gets evaluation messages of its own.
+    strategy = tiny_strategy(name, sites=sites, registry=registry, rounds=1)
     grid = type("Grid", (), {"get_node_ids": lambda self: list(range(1, sites + 1)),
                              "send_and_receive": lambda self, messages, timeout: replies})()
     initial = ArrayRecord({k: Array(v) for k, v in GLOBAL.items()})
@@ -768,11 +806,7 @@ def test_evaluation_replies_are_kept_or_rejected_and_the_report_reads_what_was_k
     assert set(record.evaluate) <= set(strategy.expected_sites)
     if aggregated is not None:
         assert record.evaluate
-    for raw in record.evaluate.values():
-        for split in EVALUATED_SPLITS:
-            metrics = split_metrics(raw, split, len(CLASSES))
-            assert np.asarray(metrics["confusion_matrix"]).shape == (len(CLASSES), len(CLASSES))
-            assert metrics["n"] == sum(raw[f"{split}-histogram"])
+    _readable(record.evaluate)
     # The final evaluation goes through the same reading; then the whole report is written.
     final = strategy.evaluate_final(grid, initial, timeout=1.0)
     report = build_report(

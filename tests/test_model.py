@@ -13,6 +13,7 @@ from medfed.common import wire
 from medfed.common.config import DataConfig, ModelConfig, TrainConfig
 from medfed.common.errors import MedfedError
 from medfed.common.model import build_model, load_checkpoint, load_imagenet, stage_groups
+from medfed.common.schedule import FINETUNE, HEAD
 from medfed.common.transforms import build_transform
 
 TINY = "test_efficientnet"
@@ -84,6 +85,18 @@ def test_freeze_all_trains_head_only(backbone):
     assert sorted(trainable) == sorted([f"{head}.weight", f"{head}.bias"])
     assert not any(isinstance(m, _BatchNorm) for m in model.modules())
     assert wire.exchanged_keys(model, bn="avg") == [f"{head}.weight", f"{head}.bias"]
+
+
+@pytest.mark.parametrize("freeze", ["all", "3", "0"])
+def test_the_head_stage_exchanges_the_classifier_alone(freeze):
+    """The head stage's keys (what travels in its rounds) are the classifier's parameters, a part
+    of the fine-tune stage's keys, with no BatchNorm statistics."""
+    model = _build(freeze)
+    head = model.default_cfg["classifier"]
+    keys = wire.exchanged_keys(model, bn="avg", stage=HEAD)
+    assert keys == [f"{head}.weight", f"{head}.bias"]
+    assert set(keys) <= set(wire.exchanged_keys(model, bn="avg", stage=FINETUNE))
+    assert wire.exchanged_keys(model, bn="avg") == wire.exchanged_keys(model, bn="avg", stage=FINETUNE)
 
 
 @pytest.mark.parametrize("backbone", [TINY, "test_resnet"])

@@ -9,28 +9,18 @@ import pytest
 from flwr.app import ConfigRecord
 from flwr.serverapp.strategy import Bulyan, Krum, MultiKrum
 # task_identity is test_strategy's autouse fixture: imported, it applies here too.
-from test_strategy import MockGrid, small_model, task_identity
+from test_strategy import MockGrid, make_strategy, small_model, task_identity
 from test_validation import good_updates, train_reply
 
 from medfed.common import wire
 from medfed.common.errors import MedfedError
-from medfed.common.schedule import PlateauSchedule
-from medfed.server.strategy import MedfedStrategy, make_flower_strategy
+from medfed.server.strategy import make_flower_strategy
 
 
 def robust_round(name: str, *, sites: int, byzantine: int, replying: int | None = None):
     """One round of `sites` sites, the first one attacking (sign-flip, scale 10)."""
-    config, model = small_model()
-    config.federation.strategy, config.federation.byzantine = name, byzantine
-    keys = wire.exchanged_keys(model, bn="avg")
-    strategy = MedfedStrategy(
-        make_flower_strategy(config, num_sites=sites),
-        statistic_keys=wire.statistic_keys(keys),
-        schedule=PlateauSchedule(lr=config.train.lr, federation=config.federation),
-        round_config={"medfed-config": config.to_json(), "num-classes": 2},
-        expected_sites=[f"site-{i}" for i in range(sites)], min_sites=1, wait_s=0.0,
-        norm_factor=0.0, max_examples=config.federation.max_examples,
-    )
+    strategy, model, keys = make_strategy(name, sites=sites, byzantine=byzantine)
+    strategy.norm_factor = 0.0
     initial = wire.to_record(model, keys)
     messages = sorted(strategy.configure_train(1, initial, ConfigRecord(), MockGrid(range(1, sites + 1))),
                       key=lambda m: m.metadata.dst_node_id)

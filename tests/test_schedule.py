@@ -10,9 +10,26 @@ from medfed.common.config import FederationConfig
 from medfed.common.schedule import PlateauSchedule
 
 
-def _schedule(*, lr=1.0, patience=0, lr_patience=2, lr_factor=0.5, min_lr=1e-6):
+def _schedule(*, lr=1.0, patience=0, lr_patience=2, lr_factor=0.5, min_lr=1e-6, smoothing=0.0):
+    # Unsmoothed unless asked: these tests pin the plateau rule itself on the losses given.
     return PlateauSchedule(lr=lr, federation=FederationConfig(
-        patience=patience, lr_patience=lr_patience, lr_factor=lr_factor, min_lr=min_lr))
+        patience=patience, lr_patience=lr_patience, lr_factor=lr_factor, min_lr=min_lr,
+        smoothing=smoothing))
+
+
+def test_smoothing_prefers_a_steady_round_to_one_lucky_dip():
+    losses = [1.0, 0.5, 1.5, 0.6, 0.6, 0.6]
+    raw, smoothed = _schedule(), _schedule(smoothing=0.5)
+    for server_round, loss in enumerate(losses, start=1):
+        raw.step(server_round, loss)
+        smoothed.step(server_round, loss)
+    assert raw.best_round == 2
+    # 1.0, 0.75, 1.125, 0.8625, 0.73125, 0.665625: the last round is the best on average.
+    assert smoothed.best_round == 6
+    assert smoothed.best_loss == pytest.approx(0.665625)
+    # A round with no defined loss (NaN: no site answered) leaves the average where it was.
+    smoothed.step(7, math.nan)
+    assert smoothed.smoothed == pytest.approx(0.665625) and smoothed.best_round == 6
 
 
 def _run(schedule, losses):

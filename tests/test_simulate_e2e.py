@@ -42,7 +42,10 @@ def test_run_directory_is_complete(finished_run):
         assert (out / name).is_file(), name
     for name in ("report.json", "report.md", "metrics.csv", "global_model.pt"):
         assert (federated / name).is_file(), name
-    assert sorted(p.name for p in (out / "seed-0" / "sites").iterdir()) == [f"site-{i}.npz" for i in range(3)]
+    assert sorted(p.name for p in (out / "seed-0" / "sites").glob("*.npz")) == [f"site-{i}.npz" for i in range(3)]
+    # Each virtual site's frozen-feature cache, beside its data (the head round trained on it).
+    for i in range(3):
+        assert list((out / "seed-0" / "sites" / f"site-{i}-state" / "features").glob("features-*.npy"))
     assert not out.with_name(out.name + ".incomplete").exists()
     assert "round   2/2" in stdout and "global test AUC" in stdout
 
@@ -89,11 +92,13 @@ def test_report_contract(finished_run, medmnist_dir):
         assert [r["round"] for r in comm[direction]] == [1, 2]
         for r in comm[direction]:
             assert set(r["sites"]) == set(sites)
-    # Up: one trainable payload per site per round; down: the train and the evaluate message.
-    for r in comm["bytes_up_per_round"]:
-        assert set(r["sites"].values()) == {comm["payload_bytes"]}
-    for r in comm["bytes_down_per_round"]:
-        assert set(r["sites"].values()) == {2 * comm["payload_bytes"]}
+    # One message per site and round: round 1 (the head stage) carries the classifier alone both
+    # ways, round 2 (fine-tuning) the trainable part, plus, down, the last round's evaluation.
+    up = {r["round"]: set(r["sites"].values()) for r in comm["bytes_up_per_round"]}
+    down = {r["round"]: set(r["sites"].values()) for r in comm["bytes_down_per_round"]}
+    assert up[1] == down[1] == {comm["head_payload_bytes"]}
+    assert up[2] == {comm["payload_bytes"]} and down[2] == {2 * comm["payload_bytes"]}
+    assert comm["head_payload_bytes"] < comm["payload_bytes"] / 10
     # Only the trainable part travels: well under the full float32 model.
     assert comm["payload_bytes"] < 4 * comm["total_params"]
     assert report["timing"]["wall_s"] > 0

@@ -6,14 +6,14 @@ import numpy as np
 import pytest
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Error, Message, MetricRecord, RecordDict
+from conftest import evaluation_record
 from flwr.supercore.task_identity import TaskIdentity
 
 from medfed.common import wire
 from medfed.common.config import Config
-from medfed.common.messages import evaluation_metrics, round_config
-from medfed.common.metrics import SCALARS
+from medfed.common.messages import EVALUATION, round_config
 from medfed.common.model import build_model
-from medfed.common.schedule import PlateauSchedule
+from medfed.common.schedule import FINETUNE, STAGES, PlateauSchedule, Stages
 from medfed.server.strategy import MedfedStrategy, make_flower_strategy
 
 
@@ -38,14 +38,19 @@ def small_model(bn="avg"):
     return config, build_model(config.model, num_classes=2, seed=0)
 
 
-def make_strategy(name: str, *, bn="avg", sites=3, min_sites=1, wait_s=0.0, registry=None):
+def make_strategy(name: str, *, bn="avg", sites=3, min_sites=1, wait_s=0.0, registry=None,
+                  rounds=10, byzantine=0):
+    """A strategy over `rounds` rounds that all fine-tune (no head stage), as before stages."""
     config, model = small_model(bn)
-    config.federation.strategy = name
+    config.federation.strategy, config.federation.byzantine = name, byzantine
     keys = wire.exchanged_keys(model, bn=bn)
     strategy = MedfedStrategy(
         make_flower_strategy(config, num_sites=sites),
         statistic_keys=wire.statistic_keys(keys),
         schedule=PlateauSchedule(lr=config.train.lr, federation=config.federation),
+        stages=Stages(head_rounds=0, head_lr=config.train.head_lr, lr=config.train.lr),
+        stage_keys={s: wire.exchanged_keys(model, bn=bn, stage=s) for s in STAGES},
+        rounds=rounds,
         round_config=round_config(config, classes=["normal", "pneumonia"]),
         expected_sites=[f"site-{i}" for i in range(sites)], min_sites=min_sites, wait_s=wait_s,
         norm_factor=config.federation.norm_factor, max_examples=config.federation.max_examples,
@@ -54,10 +59,14 @@ def make_strategy(name: str, *, bn="avg", sites=3, min_sites=1, wait_s=0.0, regi
     return strategy, model, keys
 
 
-def reply_to(message: Message, *, arrays: ArrayRecord, n: int, site: str, loss: float = 0.5) -> Message:
+def reply_to(message: Message, *, arrays: ArrayRecord, n: int, site: str, loss: float = 0.5,
+             evaluation: MetricRecord | None = None) -> Message:
+    """A site's training reply: its update and, as every training reply carries, its evaluation
+    of the global model it received (`evaluation`; default: a valid one)."""
     content = RecordDict({
         "arrays": arrays,
         "metrics": MetricRecord({"num-examples": n, "train-loss": loss}),
+        EVALUATION: evaluation_record() if evaluation is None else evaluation,
         "site": ConfigRecord({"name": site}),
     })
     return Message(content=content, reply_to=message)
@@ -85,6 +94,7 @@ def test_train_messages_carry_exchanged_arrays_and_round_config():
         assert list(message.content["arrays"].keys()) == keys
         config = message.content["config"]
         assert config["lr"] == pytest.approx(1e-4)
+        assert config["stage"] == FINETUNE
         assert Config.from_json(config["medfed-config"]).model.backbone == "test_efficientnet"
     # The server optimizer holds parameters only: statistics never enter FedAdam's state.
     assert set(strategy.inner.current_arrays) == set(keys) - set(wire.statistic_keys(keys))
@@ -130,6 +140,10 @@ def test_per_site_metrics_and_bytes_are_kept():
     strategy.aggregate_train(1, replies)
     record = strategy.rounds[1]
     assert record.train == {"site-0": {"loss": 0.25, "n": 10}, "site-1": {"loss": 0.75, "n": 20}}
+    # The evaluations the replies carried are of the model the sites received: round 0's (initial).
+    assert strategy.rounds[0].evaluate == {s: dict(evaluation_record().items())
+                                           for s in ("site-0", "site-1")}
+    assert record.evaluate == {}
     payload = wire.record_bytes(initial)
     assert record.bytes_up == {"site-0": payload, "site-1": payload}
     assert record.bytes_down == {"site-0": payload, "site-1": payload}
@@ -148,11 +162,7 @@ def test_local_batchnorm_never_travels():
 def full_evaluation(*, n: int, val_loss: float, train_histogram=(30, 20)) -> MetricRecord:
     """A complete two-class evaluation record, as a site sends it, with `n` validation examples
     (the server rejects an incomplete or inconsistent one)."""
-    val = [n // 2, n - n // 2]
-    results = {split: {**{name: 0.5 for name in SCALARS}, "loss": val_loss,
-                       "confusion_matrix": [[val[0], 0], [0, val[1]]]} for split in ("val", "test")}
-    return evaluation_metrics(results, histograms={"train": list(train_histogram), "val": val,
-                                                   "test": val}, num_examples=n)
+    return evaluation_record(n, val_loss=val_loss, train_histogram=list(train_histogram))
 
 
 def evaluation_reply(message: Message, *, site: str, val_loss: float, n: int) -> Message:
@@ -160,26 +170,69 @@ def evaluation_reply(message: Message, *, site: str, val_loss: float, n: int) ->
                                        "site": ConfigRecord({"name": site})}), reply_to=message)
 
 
+def training_round(strategy: MedfedStrategy, server_round: int, arrays: ArrayRecord, grid, *,
+                   val_loss: float) -> ArrayRecord:
+    """One round: every site evaluates the model it received (`arrays`) at `val_loss`, trains,
+    and replies with both; returns the aggregate (the model after this round)."""
+    messages = list(strategy.configure_train(server_round, arrays, ConfigRecord(), grid))
+    replies = [reply_to(m, arrays=perturbed(arrays, scale=0.1, seed=10 * server_round + i), n=10,
+                        site=f"site-{i}", evaluation=full_evaluation(n=5, val_loss=val_loss))
+               for i, m in enumerate(sorted(messages, key=lambda m: m.metadata.dst_node_id))]
+    aggregate, _ = strategy.aggregate_train(server_round, replies)
+    return aggregate
+
+
 def test_early_stopping_keeps_best_arrays_and_stops_sampling():
-    strategy, model, keys = make_strategy("fedavg", sites=2)
+    """The model after round r is judged by round r + 1's training replies (no evaluation
+    message before the last round); early stopping fires while a round is aggregated."""
+    strategy, model, keys = make_strategy("fedavg", sites=2, rounds=10)
     strategy.schedule.patience = 2
     grid = MockGrid([1, 2])
     arrays = wire.to_record(model, keys)
-    losses = [0.5, 0.4, 0.45, 0.47]
-    evaluated = []
+    # Validation loss of the model after round 0 (initial, never judged), 1, 2, 3, 4.
+    losses = [0.9, 0.5, 0.4, 0.45, 0.47]
+    models = [arrays]
     for rnd, loss in enumerate(losses, start=1):
-        list(strategy.configure_train(rnd, arrays, ConfigRecord(), grid))
-        arrays = perturbed(arrays, scale=0.1, seed=rnd)
-        evaluated.append(arrays)
-        messages = list(strategy.configure_evaluate(rnd, arrays, ConfigRecord(), grid))
-        strategy.aggregate_evaluate(rnd, [evaluation_reply(m, site=f"site-{i}", val_loss=loss, n=5)
-                                          for i, m in enumerate(messages)])
+        arrays = training_round(strategy, rnd, arrays, grid, val_loss=loss)
+        models.append(arrays)
+        assert list(strategy.configure_evaluate(rnd, arrays, ConfigRecord(), grid)) == []
+        assert strategy.aggregate_evaluate(rnd, []) is None
+        # Round rnd's replies evaluated the model after round rnd - 1.
+        assert sorted(strategy.rounds[rnd - 1].evaluate) == ["site-0", "site-1"]
+        assert strategy.rounds[rnd].evaluate == {}
+    assert strategy.rounds[0].val_loss is None  # the initial model is not a candidate
+    assert [strategy.rounds[r].val_loss for r in range(1, 5)] == pytest.approx(losses[1:])
     assert strategy.schedule.best_round == 2
-    assert strategy.schedule.stopped_at == 4
-    assert strategy.best_arrays is evaluated[1]
-    assert list(strategy.configure_train(5, arrays, ConfigRecord(), grid)) == []
-    assert strategy.aggregate_train(5, []) == (None, None)
-    assert 5 not in strategy.rounds
+    assert strategy.schedule.stopped_at == 4  # decided while aggregating round 5
+    assert strategy.best_arrays is models[2]
+    assert list(strategy.configure_train(6, arrays, ConfigRecord(), grid)) == []
+    assert strategy.aggregate_train(6, []) == (None, None)
+    assert 6 not in strategy.rounds
+
+
+def test_only_the_last_round_sends_an_evaluation_message():
+    strategy, model, keys = make_strategy("fedavg", sites=2, rounds=2)
+    grid = MockGrid([1, 2])
+    initial = wire.to_record(model, keys)
+    after_1 = training_round(strategy, 1, initial, grid, val_loss=0.6)
+    assert list(strategy.configure_evaluate(1, after_1, ConfigRecord(), grid)) == []
+    after_2 = training_round(strategy, 2, after_1, grid, val_loss=0.5)
+    assert strategy.rounds[1].val_loss == pytest.approx(0.5)
+    assert strategy.best_arrays is after_1
+
+    # The last round's aggregate has no next round to judge it: it is sent for evaluation alone.
+    messages = sorted(strategy.configure_evaluate(2, after_2, ConfigRecord(), grid),
+                      key=lambda m: m.metadata.dst_node_id)
+    assert [m.metadata.dst_node_id for m in messages] == [1, 2]
+    for message in messages:
+        assert list(message.content["arrays"].keys()) == keys
+        assert message.content["config"]["stage"] == FINETUNE
+    aggregated = strategy.aggregate_evaluate(2, [
+        evaluation_reply(m, site=f"site-{i}", val_loss=0.3, n=5) for i, m in enumerate(messages)])
+    assert aggregated["val-loss"] == pytest.approx(0.3)
+    assert sorted(strategy.rounds[2].evaluate) == ["site-0", "site-1"]
+    assert strategy.rounds[2].val_loss == pytest.approx(0.3)
+    assert strategy.schedule.best_round == 2 and strategy.best_arrays is after_2
 
 
 def test_aggregate_does_not_depend_on_reply_order():
@@ -225,7 +278,10 @@ def test_state_dict_restores_fedadam_moments_and_round_numbers():
 
     restored, _, _ = make_strategy("fedadam", sites=2)
     restored.load_state_dict(state)
-    assert restored.round_offset == 1 and list(restored.rounds) == [1]
+    # Round 0 holds the sites' evaluations of the initial model, sent with round 1's replies.
+    assert restored.round_offset == 1 and sorted(restored.rounds) == [0, 1]
+    assert restored.rounds[0].evaluate == strategy.rounds[0].evaluate
+    assert sorted(restored.rounds[0].evaluate) == ["site-0", "site-1"]
     for name in ("m_t", "v_t", "current_arrays"):
         original = getattr(strategy.inner, name)
         assert set(getattr(restored.inner, name)) == set(original)
@@ -233,7 +289,7 @@ def test_state_dict_restores_fedadam_moments_and_round_numbers():
             np.testing.assert_array_equal(getattr(restored.inner, name)[key], value)
     # Flower's loop restarts at 1; the strategy files it as round 2.
     list(restored.configure_train(1, arrays, ConfigRecord(), MockGrid([1, 2])))
-    assert sorted(restored.rounds) == [1, 2]
+    assert sorted(restored.rounds) == [0, 1, 2]
 
 
 def test_a_failed_site_is_reported_not_fatal():

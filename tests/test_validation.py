@@ -11,10 +11,12 @@ import pytest
 from flwr.app import (
     Array, ArrayRecord, ConfigRecord, Error, Message, MessageType, MetricRecord, RecordDict,
 )
+from conftest import evaluation_record
 # task_identity is test_strategy's autouse fixture: imported, it applies here too.
-from test_strategy import MockGrid, full_evaluation, make_strategy, perturbed, task_identity
+from test_strategy import MockGrid, make_strategy, perturbed, task_identity
 
 from medfed.common import wire
+from medfed.common.messages import EVALUATION
 from medfed.common.config import Config, validate
 from medfed.common.errors import MedfedError
 from medfed.server.app import _report_progress
@@ -31,19 +33,26 @@ def numpy(record: ArrayRecord) -> dict[str, np.ndarray]:
     return {k: a.numpy() for k, a in record.items()}
 
 
+VALID = object()  # train_reply's default evaluation: a valid one
+
+
 def train_reply(message: Message, *, arrays: dict[str, np.ndarray], site: str | None,
-                n=10, loss=0.5) -> Message:
+                n=10, loss=0.5, evaluation: MetricRecord | None = VALID) -> Message:
+    """A site's training reply: its update, and its evaluation of the model it received (valid by
+    default; None leaves the record out)."""
     content = RecordDict({
         "arrays": ArrayRecord({k: Array(np.asarray(v)) for k, v in arrays.items()}),
         "metrics": MetricRecord({"num-examples": n, "train-loss": loss}),
     })
+    if evaluation is not None:
+        content[EVALUATION] = evaluation_record() if evaluation is VALID else evaluation
     if site is not None:
         content["site"] = ConfigRecord({"name": site})
     return Message(content=content, reply_to=message)
 
 
-def start_round(name="fedavg", *, sites=4, nodes=None, registry=None, server_round=1):
-    strategy, model, keys = make_strategy(name, sites=sites, registry=registry)
+def start_round(name="fedavg", *, sites=4, nodes=None, registry=None, server_round=1, rounds=10):
+    strategy, model, keys = make_strategy(name, sites=sites, registry=registry, rounds=rounds)
     initial = wire.to_record(model, keys)
     grid = MockGrid(nodes or list(range(1, sites + 1)))
     messages = sorted(strategy.configure_train(server_round, initial, ConfigRecord(), grid),
@@ -169,14 +178,18 @@ def test_a_site_outside_the_study_is_rejected():
 
 def test_the_registry_decides_which_nodes_are_sampled_and_counted():
     strategy, initial, _, messages = start_round("fedavg", sites=3, nodes=[1, 2, 99, 3],
-                                                 registry=REGISTRY)
+                                                 registry=REGISTRY, rounds=2)
     assert [m.metadata.dst_node_id for m in messages] == [1, 2, 3]
-    evaluation = strategy.configure_evaluate(1, initial, ConfigRecord(), MockGrid([1, 2, 99, 3]))
+    # Only the last round (2) sends evaluation messages of its own, to registered nodes only.
+    assert list(strategy.configure_evaluate(1, initial, ConfigRecord(), MockGrid([1, 2, 99, 3]))) == []
+    evaluation = strategy.configure_evaluate(2, initial, ConfigRecord(), MockGrid([1, 2, 99, 3]))
     assert sorted(m.metadata.dst_node_id for m in evaluation) == [1, 2, 3]
 
     strategy.min_sites = 3
     with pytest.raises(RuntimeError, match="only 2 site.*min-sites=3"):
         list(strategy.configure_train(2, initial, ConfigRecord(), MockGrid([1, 2, 99])))
+    with pytest.raises(RuntimeError, match="only 2 site.*min-sites=3"):
+        list(strategy.configure_evaluate(2, initial, ConfigRecord(), MockGrid([1, 2, 99])))
 
 
 def test_without_a_registry_every_connected_node_is_sampled():
@@ -254,23 +267,17 @@ def test_norm_outliers_need_three_replies_and_a_scale():
     assert norm_outliers({"a": 1.0, "b": 1.2, "c": 11.0}, factor=10) == {}
 
 
-def evaluation_reply(message: Message, *, site: str, train_histogram: list[int]) -> Message:
-    metrics = full_evaluation(n=5, val_loss=0.5, train_histogram=train_histogram)
-    return Message(RecordDict({"metrics": metrics, "site": ConfigRecord({"name": site})}),
-                   reply_to=message)
-
-
 def test_num_examples_may_not_exceed_what_the_site_declared():
+    """A site declares its training examples (train-histogram) in its evaluation, which now
+    travels with its training reply: round 1's declarations bound round 2's num-examples."""
     strategy, initial, _, messages = start_round("fedavg", sites=2)
     updates = good_updates(initial, 2)
-    strategy.aggregate_train(1, [train_reply(m, arrays=u, site=f"site-{i}", n=50)
+    declared = evaluation_record(5, train_histogram=[30, 20])
+    strategy.aggregate_train(1, [train_reply(m, arrays=u, site=f"site-{i}", n=50, evaluation=declared)
                                  for i, (m, u) in enumerate(zip(messages, updates))])
-    grid = MockGrid([1, 2])
-    evaluation = sorted(strategy.configure_evaluate(1, initial, ConfigRecord(), grid),
-                        key=lambda m: m.metadata.dst_node_id)
-    strategy.aggregate_evaluate(1, [evaluation_reply(m, site=f"site-{i}", train_histogram=[30, 20])
-                                    for i, m in enumerate(evaluation)])
+    assert strategy.rounds[1].rejected == []
 
+    grid = MockGrid([1, 2])
     messages = sorted(strategy.configure_train(2, initial, ConfigRecord(), grid),
                       key=lambda m: m.metadata.dst_node_id)
     strategy.aggregate_train(2, [train_reply(messages[0], arrays=updates[0], site="site-0", n=50),
@@ -293,21 +300,40 @@ def test_examples_problem(value, declared, fragment):
 # --- the shape of a reply ----------------------------------------------------------------------
 
 def reference(arrays: dict[str, np.ndarray]) -> RoundReference:
-    return RoundReference(arrays=arrays, sites=["site-0"], max_examples=100, norm_factor=10.0)
+    return RoundReference(arrays=arrays, sites=["site-0"], max_examples=100, norm_factor=10.0,
+                          num_classes=2)
 
 
-def test_a_reply_must_hold_exactly_one_arrays_and_one_metrics_record():
+def training_content(arrays: ArrayRecord, metrics: MetricRecord, **more) -> RecordDict:
+    """A training reply's records: `arrays`, `metrics`, a valid evaluation, and `more`."""
+    return RecordDict({"arrays": arrays, "metrics": metrics,
+                       EVALUATION: evaluation_record(5, train_histogram=[50, 50]), **more})
+
+
+def test_a_valid_training_reply_passes():
     arrays = {"w": np.zeros(2, np.float32)}
-    content = RecordDict({"arrays": ArrayRecord({"w": Array(arrays["w"])}),
-                          "more": ArrayRecord({"w": Array(arrays["w"])}),
-                          "metrics": MetricRecord({"num-examples": 1, "train-loss": 0.1})})
-    assert "got 'arrays', 'more' and 'metrics'" in content_problem(content, reference(arrays), declared=None)
+    content = training_content(ArrayRecord({"w": Array(arrays["w"])}),
+                               MetricRecord({"num-examples": 1, "train-loss": 0.1}))
+    assert content_problem(content, reference(arrays), declared=None) is None
+
+
+def test_a_reply_must_hold_exactly_one_arrays_and_the_metrics_and_evaluation_records():
+    arrays = {"w": np.zeros(2, np.float32)}
+    metrics = MetricRecord({"num-examples": 1, "train-loss": 0.1})
+    content = training_content(ArrayRecord({"w": Array(arrays["w"])}), metrics,
+                               more=ArrayRecord({"w": Array(arrays["w"])}))
+    assert "got 'arrays', 'more' and 'evaluation', 'metrics'" in content_problem(
+        content, reference(arrays), declared=None)
+    content = training_content(ArrayRecord({"w": Array(arrays["w"])}), metrics,
+                               extra=MetricRecord({"x": 1.0}))
+    assert "got 'arrays' and 'evaluation', 'extra', 'metrics'" in content_problem(
+        content, reference(arrays), declared=None)
 
 
 def test_extra_or_missing_metrics_are_rejected():
     arrays = {"w": np.zeros(2, np.float32)}
-    content = RecordDict({"arrays": ArrayRecord({"w": Array(arrays["w"])}),
-                          "metrics": MetricRecord({"num-examples": 1, "accuracy": 0.9})})
+    content = training_content(ArrayRecord({"w": Array(arrays["w"])}),
+                               MetricRecord({"num-examples": 1, "accuracy": 0.9}))
     problem = content_problem(content, reference(arrays), declared=None)
     assert problem == "missing metrics 'train-loss'; unexpected metrics 'accuracy'"
 
@@ -315,10 +341,67 @@ def test_extra_or_missing_metrics_are_rejected():
 def test_undecodable_array_bytes_are_rejected_not_raised():
     arrays = {"w": np.zeros(2, np.float32)}
     garbage = Array(dtype="float32", shape=(2,), stype="numpy.ndarray", data=b"\x93NUMPY garbage")
-    content = RecordDict({"arrays": ArrayRecord({"w": garbage}),
-                          "metrics": MetricRecord({"num-examples": 1, "train-loss": 0.1})})
+    content = training_content(ArrayRecord({"w": garbage}),
+                               MetricRecord({"num-examples": 1, "train-loss": 0.1}))
     assert content_problem(content, reference(arrays), declared=None).startswith(
         "array 'w' cannot be decoded (")
+
+
+# --- the evaluation a training reply carries ---------------------------------------------------
+
+def test_a_training_reply_without_its_evaluation_is_rejected():
+    strategy, initial, _, messages = start_round("fedavg", sites=3)
+    updates = good_updates(initial, 3)
+    replies = [train_reply(messages[0], arrays=updates[0], site="site-0"),
+               train_reply(messages[1], arrays=updates[1], site="site-1", evaluation=None),
+               train_reply(messages[2], arrays=updates[2], site="site-2")]
+    arrays, _ = strategy.aggregate_train(1, replies)
+    record = strategy.rounds[1]
+    assert record.rejected == [
+        "site-1: expected one ArrayRecord 'arrays' and MetricRecords 'metrics' and 'evaluation', "
+        "got 'arrays' and 'metrics'"]
+    assert sorted(record.train) == ["site-0", "site-2"] and record.missing == ["site-1"]
+    # The accepted sites' evaluations of the model they received (round 0's) are kept.
+    assert sorted(strategy.rounds[0].evaluate) == ["site-0", "site-2"]
+    assert_fedavg(arrays, [updates[0], updates[2]], [10, 10])
+
+
+def _broken(key: str, value) -> MetricRecord:
+    record = evaluation_record(5)
+    record[key] = value
+    return record
+
+
+BROKEN_EVALUATIONS = {
+    "val-auc 2.0": (_broken("val-auc", 2.0),
+                    "val-auc is 2.0, not a rate from 0 to 1 (NaN where undefined)"),
+    "test-loss -1": (_broken("test-loss", -1.0), "test-loss is -1.0, not a loss of 0 or more"),
+    "num-examples not the val count": (_broken("num-examples", 4),
+                                       "num-examples is 4, but val-histogram counts 5"),
+    "confusion off the histogram": (_broken("val-confusion", [3, 0, 0, 3]),
+                                    "val-confusion counts [3, 3] examples per true class"),
+    "three classes": (evaluation_record(6, num_classes=3), "train-histogram must list 2 counts"),
+    "missing key": (MetricRecord({k: v for k, v in evaluation_record(5).items() if k != "val-f1"}),
+                    "missing metrics 'val-f1'"),
+}
+
+
+@pytest.mark.parametrize("case", list(BROKEN_EVALUATIONS))
+def test_a_training_reply_with_a_broken_evaluation_is_rejected(case):
+    evaluation, reason = BROKEN_EVALUATIONS[case]
+    strategy, initial, _, messages = start_round("fedavg", sites=3)
+    updates = good_updates(initial, 3)
+    replies = [train_reply(m, arrays=u, site=f"site-{i}", evaluation=evaluation if i == 2 else VALID)
+               for i, (m, u) in enumerate(zip(messages, updates))]
+    arrays, _ = strategy.aggregate_train(1, replies)
+    record = strategy.rounds[1]
+    (rejection,) = record.rejected
+    assert rejection.startswith("site-2: its evaluation of the model it received: ")
+    assert reason in rejection and "\n" not in rejection
+    assert sorted(record.train) == ["site-0", "site-1"] and record.missing == ["site-2"]
+    # Neither its update nor its evaluation counts.
+    assert sorted(strategy.rounds[0].evaluate) == ["site-0", "site-1"]
+    assert_fedavg(arrays, updates[:2], [10, 10])
 
 
 def test_key_problem_names_a_few_keys_on_one_line():

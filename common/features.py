@@ -1,0 +1,104 @@
+"""Frozen features computed once: what the classifier sees for every image of a site.
+
+While only the classifier trains (the head stage), everything before it is a fixed function of
+the image, so its output is computed once per site and run and the classifier trains on it:
+`classifier(features)` equals the full forward pass in evaluation mode (timm's head dropout, off
+in evaluation, is not applied). With `train.feature_views = K > 0` each training image
+contributes K augmented views, drawn once with fixed seeds; with 0, the plain image.
+
+The features are cached as .npy files in a folder of the site's own (simulation: beside the
+virtual sites' data; deployment: the site's state directory), named by a hash of everything they
+depend on, so a restarted process reuses them and a changed setting never reads stale ones. They
+never leave the site.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from medfed.common.config import Config
+from medfed.common.dataset import LabelledImages, TransformedImages
+from medfed.common.files import write_bytes_atomic
+from medfed.common.transforms import build_transform
+
+CACHE_VERSION = 1
+
+
+def classifier(model: nn.Module) -> nn.Module:
+    return model.get_classifier()
+
+
+@torch.no_grad()
+def classifier_inputs(model: nn.Module, images: torch.Tensor) -> torch.Tensor:
+    """The classifier's input for a batch, captured from a real forward pass in evaluation mode
+    (so it is right for any timm model, whatever its pooling or pre-logits layers do)."""
+    captured = []
+    hook = classifier(model).register_forward_hook(lambda m, args, out: captured.append(args[0]))
+    try:
+        model.eval()(images)
+    finally:
+        hook.remove()
+    return captured[0].flatten(1)
+
+
+def compute(model: nn.Module, data: LabelledImages, *, transform, batch_size: int,
+            device: torch.device) -> np.ndarray:
+    loader = torch.utils.data.DataLoader(TransformedImages(data, transform),
+                                         batch_size=batch_size * 2, shuffle=False)
+    model.to(device)
+    chunks = [classifier_inputs(model, images.to(device)).float().cpu() for images, _ in loader]
+    return torch.cat(chunks).numpy().astype(np.float32)
+
+
+def site_features(model: nn.Module, data: LabelledImages, *, config: Config, train: bool,
+                  cache_dir: Path | None, device: torch.device) -> tuple[np.ndarray, np.ndarray]:
+    """(features, labels) of one split: the training split with its augmented views when
+    `train` and `train.feature_views` > 0, read from `cache_dir` when computed before."""
+    views = config.train.feature_views if train else 0
+    labels = np.tile(data.labels, max(views, 1))
+    file = None
+    if cache_dir is not None:
+        file = cache_dir / f"features-{_fingerprint(model, data, config=config, views=views)}.npy"
+        if file.is_file():
+            return np.load(file), labels
+    if views == 0:
+        values = compute(model, data, transform=build_transform(model, config.data, train=False),
+                         batch_size=config.train.batch_size, device=device)
+    else:
+        values = np.concatenate([
+            compute(model, data, batch_size=config.train.batch_size, device=device,
+                    transform=build_transform(model, config.data, train=True,
+                                              seed=config.seed * 1_009 + view))
+            for view in range(views)
+        ])
+    if file is not None:
+        cache_dir.mkdir(parents=True, exist_ok=True)
+        buffer = io.BytesIO()
+        np.save(buffer, values)
+        write_bytes_atomic(file, buffer.getvalue())
+    return values, labels
+
+
+def _fingerprint(model: nn.Module, data: LabelledImages, *, config: Config, views: int) -> str:
+    """Everything the features depend on: the frozen weights, the images, the preprocessing and
+    the views (with their seed)."""
+    digest = hashlib.sha256(f"{CACHE_VERSION}|{views}|{config.seed if views else ''}".encode())
+    digest.update(repr(sorted(vars(config.data).items())).encode())
+    for name, tensor in model.state_dict().items():
+        if name.startswith(_classifier_prefixes(model)):
+            continue
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    digest.update(np.ascontiguousarray(data.images).tobytes())
+    return digest.hexdigest()[:24]
+
+
+def _classifier_prefixes(model: nn.Module) -> tuple[str, ...]:
+    head = classifier(model)
+    return tuple(f"{name}." for name, module in model.named_modules() if module is head)
