@@ -7,6 +7,8 @@ import numpy as np
 import pytest
 import torch
 
+from commands import medfed
+
 from medfed.common import features, wire
 from medfed.common.config import Config, TrainConfig, validate
 from medfed.common.dataset import LabelledImages, TransformedImages
@@ -151,3 +153,18 @@ def test_bad_stage_settings_are_refused_before_training(assignments, fragment):
         setattr(getattr(config, section), name, value)
     with pytest.raises(MedfedError, match=fragment):
         validate(config)
+
+
+@pytest.mark.parametrize("options, fragment", [
+    (["--local-steps", "0"], "train.local_steps"),
+    (["--feature-views", "2", "--set", "data.augment=false"], "augmented views need augmentation"),
+    (["--freeze", "3", "--rounds", "4", "--head-rounds", "6"], "cannot be longer than the run"),
+    (["--weights", "none"], "a head on random frozen features"),
+])
+def test_bad_stage_options_are_one_line_before_anything_runs(options, fragment, tmp_path):
+    out = tmp_path / "run"
+    result = medfed("simulate", "--dataset", "breastmnist", *options, "--out", str(out))
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and fragment in lines[0], result.stderr
+    assert not out.exists() and not out.with_name("run.incomplete").exists()
