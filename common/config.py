@@ -34,6 +34,7 @@ MODES = ("federated", "centralized", "local", "scratch", "classical")
 OPTIMIZERS = ("adam", "sgd")
 BN_POLICIES = ("avg", "local")
 DEVICES = ("auto", "cpu", "cuda")
+SELECTIONS = ("auc", "loss")
 MEDMNIST_RESOLUTIONS = (28, 64, 128, 224)
 # Seeds feed numpy (non-negative only) and torch (a site derives its own from seed x 100003 plus
 # the round, which must stay below 2**64).
@@ -133,6 +134,9 @@ class FederationConfig:
     # aggregated validation loss smoothed over rounds: this weight of the past in an exponential
     # moving average; 0 judges each round alone.
     smoothing: float = 0.5
+    # What rounds are judged by: "auc" (the sites' validation AUC, example-weighted; their loss
+    # where no site's validation split holds two classes) or "loss".
+    selection: str = "auc"
     # Learning-rate reduction on plateau of the same loss.
     lr_patience: int = 2
     lr_factor: float = 0.5
@@ -434,6 +438,7 @@ def validate(config: Config) -> Config:
     _check(0 < f.fraction_train <= 1, "federation.fraction_train", f.fraction_train,
            "0 < value <= 1")
     _check(f.patience >= 0, "federation.patience", f.patience, "0 (off) or more rounds")
+    _check(f.selection in SELECTIONS, "federation.selection", f.selection, ", ".join(SELECTIONS))
     _check(0 <= f.smoothing < 1, "federation.smoothing", f.smoothing, "0 (off) <= value < 1")
     _check(f.lr_patience >= 0, "federation.lr_patience", f.lr_patience, "0 or more rounds")
     _check(0 < f.lr_factor < 1, "federation.lr_factor", f.lr_factor, "0 < value < 1")

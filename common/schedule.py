@@ -18,9 +18,23 @@ from medfed.common.config import Config, FederationConfig
 # trains every unfrozen layer on images.
 HEAD, FINETUNE = "head", "finetune"
 STAGES = (HEAD, FINETUNE)
-# How the final model is chosen, in the words the report uses.
-SELECTION = ("lowest example-weighted validation loss of all sites, smoothed over rounds "
-             "(exponential moving average)")
+
+
+def selection_rule(criterion: str) -> str:
+    """How rounds are judged (the final model, early stopping, the learning rate), in the
+    words the report uses."""
+    what = ("highest validation AUC" if criterion == "auc" else "lowest validation loss")
+    return (f"{what}, example-weighted over the sites and smoothed over rounds (exponential "
+            f"moving average)")
+
+
+def selection_score(*, loss: float | None, auc: float | None, criterion: str) -> float:
+    """What the schedule minimizes: 1 - AUC, or the loss (also where no site's validation split
+    holds both classes, so AUC is undefined). AUC ranks; a head that grows over-confident on
+    skewed sites raises their loss while it ranks better (docs/BENCHMARKS.md, alpha = 0.1)."""
+    if criterion == "auc" and auc is not None and math.isfinite(auc):
+        return 1.0 - auc
+    return math.nan if loss is None else loss
 
 
 @dataclass(frozen=True)

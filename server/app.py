@@ -24,7 +24,9 @@ from medfed.common.metrics import SCALARS, format_number
 from medfed.common.model import build_model, count_parameters
 from medfed.common.transforms import build_transform
 from medfed.server.report import build_report, write_report
-from medfed.common.schedule import FINETUNE, HEAD, SELECTION, STAGES, PlateauSchedule, Stages
+from medfed.common.schedule import (
+    FINETUNE, HEAD, STAGES, PlateauSchedule, Stages, selection_rule,
+)
 from medfed.server.checkpoint import CHECKPOINT, load_checkpoint, save_checkpoint
 from medfed.server.strategy import (
     MedfedStrategy, RegisteredNodes, RoundRecord, make_flower_strategy, site_name,
@@ -94,6 +96,7 @@ def run_server(
         stages=stages,
         stage_keys=stage_keys,
         rounds=config.federation.rounds,
+        selection=config.federation.selection,
         round_config=round_config,
         expected_sites=expected_sites,
         min_sites=min_sites,
@@ -146,9 +149,10 @@ def run_server(
                        evaluate_fn=after_round)
     strategy.rounds.pop(0, None)
     if schedule.stopped_at:
-        progress(f"early stopping at round {schedule.stopped_at}: no lower aggregated validation "
-                 f"loss for {config.federation.patience} rounds")
-    progress(f"final model: round {schedule.best_round} ({SELECTION}, {format_number(schedule.best_loss)}); "
+        progress(f"early stopping at round {schedule.stopped_at}: no better round "
+                 f"({selection_rule(config.federation.selection)}) for "
+                 f"{config.federation.patience} rounds")
+    progress(f"final model: round {schedule.best_round} ({selection_rule(config.federation.selection)}); "
              f"evaluating it at every site")
     chosen = strategy.best_arrays or initial
     final_sites = strategy.evaluate_final(grid, chosen, timeout=config.federation.round_timeout)
@@ -164,7 +168,8 @@ def run_server(
         config=config.to_dict(), dataset=dataset, partition=partition, rounds=strategy.rounds,
         final_sites=final_sites, final_global=final_global,
         early_stopping={"stopped_at": schedule.stopped_at, "best_round": schedule.best_round,
-                        "best_val_loss": schedule.best_loss, "criterion": SELECTION,
+                        "best_score": schedule.best_loss,
+                        "criterion": selection_rule(config.federation.selection),
                         "smoothing": config.federation.smoothing},
         model={"backbone": config.model.backbone, "weights": config.model.weights,
                "freeze": config.model.freeze, "trainable_params": trainable, "total_params": total,
@@ -235,7 +240,8 @@ def _report_progress(event: str, record: RoundRecord, progress, config: Config) 
         for rejection in record.rejected:
             progress(f"round {record.round:>3} | update rejected: {rejection}")
     else:
-        progress(f"round {record.round:>3} | aggregated val loss {record.val_loss:.4f}")
+        progress(f"round {record.round:>3} | aggregated val loss {record.val_loss:.4f} "
+                 f"AUC {format_number(record.val_auc)}")
 
 
 def make_server_app(**settings) -> ServerApp:

@@ -50,6 +50,7 @@ def build_report(
                 for site, raw in sorted(record.evaluate.items())
             },
             "val_loss": clean(record.val_loss),
+            "val_auc": clean(record.val_auc),
             "global_test": record.global_test,
             "failures": record.failures,
             "rejected": record.rejected,

@@ -51,7 +51,7 @@ from medfed.common.messages import (
     COMPUTE_SECONDS, EVALUATION, METRICS, PEAK_MB, TRAIN_LOSS, WEIGHT_KEY, declared_name,
 )
 from medfed.common.wire import record_bytes
-from medfed.common.schedule import PlateauSchedule, Stages
+from medfed.common.schedule import PlateauSchedule, Stages, selection_score
 from medfed.server.validation import RoundReference, screen, screen_evaluation
 
 log = logging.getLogger("medfed")
@@ -135,6 +135,7 @@ class RoundRecord:
     # Expected sites with no accepted training reply this round (absent, dropped, failed or rejected).
     missing: list[str] = field(default_factory=list)
     val_loss: float | None = None
+    val_auc: float | None = None
     global_test: dict | None = None
 
 
@@ -193,6 +194,7 @@ class MedfedStrategy(Strategy):
         stages: Stages,
         stage_keys: dict[str, list[str]],
         rounds: int,
+        selection: str,
         round_config: dict,
         expected_sites: list[str],
         min_sites: int,
@@ -208,6 +210,7 @@ class MedfedStrategy(Strategy):
         self.stages = stages
         self.stage_keys = stage_keys
         self.total_rounds = rounds
+        self.selection = selection
         self.stage = stages.of(1)
         self.round_config = round_config
         self.expected_sites = expected_sites
@@ -446,9 +449,11 @@ class MedfedStrategy(Strategy):
         and let the schedule judge it; keep it when it is the best so far."""
         evaluations = [RecordDict({METRICS: MetricRecord(m)}) for _, m in sorted(record.evaluate.items())]
         aggregated = mean_scalar_metrics(evaluations, WEIGHT_KEY) if evaluations else None
-        val_loss = float(aggregated["val-loss"]) if aggregated else float("nan")
-        record.val_loss = val_loss
-        if self.schedule.step(record.round, val_loss) or self.best_arrays is None:
+        record.val_loss = float(aggregated["val-loss"]) if aggregated else float("nan")
+        record.val_auc = float(aggregated["val-auc"]) if aggregated else float("nan")
+        score = selection_score(loss=record.val_loss, auc=record.val_auc,
+                                criterion=self.selection)
+        if self.schedule.step(record.round, score) or self.best_arrays is None:
             self.best_arrays = arrays
         self.on_event("evaluate", record)
         return aggregated

@@ -25,7 +25,7 @@ from medfed.common import features
 from medfed.common.config import Config
 from medfed.common.dataset import LabelledImages
 from medfed.common.inference import evaluate, evaluate_features
-from medfed.common.schedule import HEAD, PlateauSchedule, Stages
+from medfed.common.schedule import HEAD, PlateauSchedule, Stages, selection_score
 from medfed.common.training import train_head, train_local
 from medfed.common.transforms import build_transform
 
@@ -75,7 +75,9 @@ def train_epochs(model: nn.Module, train: LabelledImages, val: LabelledImages, *
                                                          seed=round_seed))
             result = evaluate(model, val, transform=build_transform(model, config.data, train=False),
                               batch_size=config.train.batch_size, device=device)
-        if schedule.step(server_round, result["loss"]):
+        score = selection_score(loss=result["loss"], auc=result["auc"],
+                                criterion=config.federation.selection)
+        if schedule.step(server_round, score):
             best, kept = _state(model), server_round
         history.append({"round": server_round, "stage": stage, "train_loss": loss,
                         "val_loss": result["loss"], "val_auc": result["auc"]})
