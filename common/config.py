@@ -185,8 +185,9 @@ class SimulationConfig:
 @dataclass
 class EvidenceConfig:
     # Modes trained on the same sites, seeds and test sets: comma-separated names or "all".
-    # Scratch (every layer from random weights, at the backbone's 224 px) takes about an hour on
-    # two CPU cores, so it runs only when asked for.
+    # Scratch (every layer from random weights, at the backbone's 224 px) takes roughly an hour
+    # on two CPU cores (extrapolated from `medfed bench`'s full-model rounds), so it runs only
+    # when asked for ("all").
     compare: str = "federated,centralized,local,classical"
     # Comma-separated seeds; empty: the top-level seed only.
     seeds: str = ""

@@ -23,7 +23,7 @@ from medfed.common.dataset import load_splits
 from medfed.common.errors import MedfedError
 from medfed.common.files import write_atomic, write_json
 from medfed.common.metrics import SCALARS, classification_metrics
-from medfed.common.schedule import Stages
+from medfed.common.schedule import Stages, selection_rule
 from medfed.common.model import OFFLINE_IMAGENET, build_model, count_parameters, load_saved_model
 from medfed.common.transforms import build_transform
 from medfed.common.versions import versions
@@ -247,8 +247,8 @@ def _budget(config) -> str:
              if t.feature_views else "")
     return (f"{rounds} rounds x {work} ({stages}{views}): every neural mode gets the same rounds "
             f"and per-round work (centralized: the steps of all sites together), the same "
-            f"learning-rate reduction, early stopping and choice of model on the smoothed "
-            f"validation loss; scratch trains every layer from random weights; classical models "
+            f"learning-rate reduction, early stopping and choice of model "
+            f"({selection_rule(f.selection)}); scratch trains every layer from random weights; classical models "
             f"are fit once on the pooled training data")
 
 
