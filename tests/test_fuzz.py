@@ -815,7 +815,8 @@ def test_evaluation_replies_are_kept_or_rejected_and_the_report_reads_what_was_k
         rounds=strategy.rounds, final_sites=final, final_global=None,
         early_stopping={"stopped_at": None, "best_round": 1, "best_val_loss": None},
         model={"backbone": "b", "weights": "none", "freeze": "3", "trainable_params": 1,
-               "total_params": 1, "exchanged_tensors": 1, "payload_bytes": 4},
+               "total_params": 1, "exchanged_tensors": 1, "payload_bytes": 4,
+               "head_payload_bytes": 4},
         wall_s=1.0,
     )
     json.dumps(report, allow_nan=False)

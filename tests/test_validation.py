@@ -458,7 +458,8 @@ def test_rejections_show_in_progress_and_report():
         rounds={1: record}, final_sites=RoundRecord(round=1, lr=1e-4), final_global=None,
         early_stopping={"stopped_at": None, "best_round": 1, "best_val_loss": math.nan},
         model={"backbone": "b", "weights": "none", "freeze": "3", "trainable_params": 1,
-               "total_params": 1, "exchanged_tensors": 1, "payload_bytes": 4},
+               "total_params": 1, "exchanged_tensors": 1, "payload_bytes": 4,
+               "head_payload_bytes": 4},
         wall_s=1.0,
     )
     assert report["rounds"][0]["rejected"] == record.rejected
