@@ -248,10 +248,14 @@ class Follower:
 
 def interrupt_on_sigterm() -> None:
     """Make SIGTERM (docker stop, systemd, kill) end medfed as Ctrl-C does, so the Flower
-    processes it started are stopped in order instead of being orphaned."""
+    processes it started are stopped in order instead of being orphaned. SIGINT too, always:
+    a process started in the background by a shell without job control (`medfed client &`,
+    `nohup`, some supervisors) inherits SIGINT ignored, and Python then leaves it ignored, so
+    Ctrl-C or `kill -INT` would never stop it."""
     def interrupt(signum, frame):
         raise KeyboardInterrupt
     signal.signal(signal.SIGTERM, interrupt)
+    signal.signal(signal.SIGINT, interrupt)
 
 
 # The processes below this one when the first Ctrl-C arrived (see `interrupt_once`).

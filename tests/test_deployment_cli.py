@@ -12,7 +12,7 @@ import pytest
 import yaml
 from commands import MEDFED
 
-from medfed.common.dataset import LabelledImages, save_splits
+from medfed.common.dataset import LabelledImages, load_splits, save_splits
 from medfed.common.errors import MedfedError
 from medfed.common.processes import free_port
 from medfed.server.certs import init_certs
@@ -125,3 +125,26 @@ def test_client_without_a_server_gives_up_in_time(setup, tmp_path):
     _one_error_line(result, 1, "no answer from a SuperLink at 127.0.0.1:")
     assert "within 5 s" in result.stderr
     assert time.monotonic() - started < 30
+
+
+def test_client_started_with_sigint_ignored_still_stops_on_sigint(tmp_path, medmnist_dir):
+    """A shell without job control (`medfed client &`, nohup, CI runners) starts it with SIGINT
+    ignored; Python would leave it so, and Ctrl-C or `kill -INT` would never stop the site."""
+    import signal
+    import time
+
+    splits = load_splits(medmnist_dir / "breastmnist.npz")
+    save_splits(tmp_path / "site.npz", {k: v.subset(slice(0, 30)) for k, v in splits.items()})
+    site = subprocess.Popen(
+        [MEDFED, "client", "--site", "hospital-a", "--data", str(tmp_path / "site.npz"),
+         "--superlink", "127.0.0.1:9", "--insecure", "--log-file", str(tmp_path / "site.log"),
+         "--connect-timeout", "300"],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
+    deadline = time.monotonic() + 60
+    while not (tmp_path / "site.log").exists() and time.monotonic() < deadline:
+        time.sleep(0.5)
+    time.sleep(2)
+    site.send_signal(signal.SIGINT)
+    output = site.communicate(timeout=40)[0]
+    assert site.returncode == 130, output
