@@ -49,7 +49,6 @@ class _Site:
         self.config = self.received.config
         node_config = dict(context.node_config)
         self.name, path = locate_site(node_config, self.received)
-        self.cache_dir = state_dir(node_config, path) / "features"
         self.data = load_site(path, config_json=self.received.config_json,
                               classes=self.received.classes, site=self.name)
         template, keys = _template(self.received.config_json, self.received.num_classes)
@@ -61,11 +60,12 @@ class _Site:
                                        strict=False)
         self.device = pick_device(self.config.train.device)
         self.head = self.received.stage == HEAD
+        self.frozen = features.FrozenLayers(self.model, config=self.config, device=self.device)
+        self.cache_dir = state_dir(node_config, path) / "features"
 
     def features(self, split: str) -> tuple[np.ndarray, np.ndarray]:
-        return features.site_features(self.model, self.data[split], config=self.config,
-                                      train=split == "train", cache_dir=self.cache_dir,
-                                      device=self.device)
+        return self.frozen.features(self.data[split], train=split == "train",
+                                    cache_dir=self.cache_dir)
 
     def evaluation(self):
         """The received model's metrics on the site's validation and test splits."""

@@ -14,6 +14,7 @@ never leave the site.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import io
 from pathlib import Path
@@ -25,6 +26,7 @@ from torch import nn
 from medfed.common.config import Config
 from medfed.common.dataset import LabelledImages, TransformedImages
 from medfed.common.files import write_bytes_atomic
+from medfed.common.model import classifier_keys
 from medfed.common.transforms import build_transform
 
 CACHE_VERSION = 1
@@ -56,49 +58,65 @@ def compute(model: nn.Module, data: LabelledImages, *, transform, batch_size: in
     return torch.cat(chunks).numpy().astype(np.float32)
 
 
+class FrozenLayers:
+    """The layers below one model's classifier, and their output for any split. Their weights are
+    hashed once for every cache key (hashing them is most of a key's cost), not once per split."""
+
+    def __init__(self, model: nn.Module, *, config: Config, device: torch.device) -> None:
+        self.model, self.config, self.device = model, config, device
+
+    @functools.cached_property
+    def _frozen_weights(self) -> bytes:
+        digest = hashlib.sha256()
+        head = classifier_keys(self.model)
+        for name, tensor in self.model.state_dict().items():
+            if name not in head:
+                digest.update(name.encode())
+                digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+        return digest.digest()
+
+    def _fingerprint(self, data: LabelledImages, *, views: int) -> str:
+        """Everything the features depend on: the frozen weights, the images, the preprocessing
+        and the views (with their seed)."""
+        config = self.config
+        digest = hashlib.sha256(f"{CACHE_VERSION}|{views}|{config.seed if views else ''}".encode())
+        digest.update(repr(sorted(vars(config.data).items())).encode())
+        digest.update(self._frozen_weights)
+        digest.update(np.ascontiguousarray(data.images).tobytes())
+        return digest.hexdigest()[:24]
+
+    def features(self, data: LabelledImages, *, train: bool,
+                 cache_dir: Path | None) -> tuple[np.ndarray, np.ndarray]:
+        """(features, labels) of one split: the training split with its augmented views when
+        `train` and `train.feature_views` > 0, read from `cache_dir` when computed before."""
+        config, model, device = self.config, self.model, self.device
+        views = config.train.feature_views if train else 0
+        labels = np.tile(data.labels, max(views, 1))
+        file = None
+        if cache_dir is not None:
+            file = cache_dir / f"features-{self._fingerprint(data, views=views)}.npy"
+            if file.is_file():
+                return np.load(file), labels
+        if views == 0:
+            values = compute(model, data, transform=build_transform(model, config.data, train=False),
+                             batch_size=config.train.batch_size, device=device)
+        else:
+            values = np.concatenate([
+                compute(model, data, batch_size=config.train.batch_size, device=device,
+                        transform=build_transform(model, config.data, train=True,
+                                                  seed=config.seed * 1_009 + view))
+                for view in range(views)
+            ])
+        if file is not None:
+            cache_dir.mkdir(parents=True, exist_ok=True)
+            buffer = io.BytesIO()
+            np.save(buffer, values)
+            write_bytes_atomic(file, buffer.getvalue())
+        return values, labels
+
+
 def site_features(model: nn.Module, data: LabelledImages, *, config: Config, train: bool,
                   cache_dir: Path | None, device: torch.device) -> tuple[np.ndarray, np.ndarray]:
-    """(features, labels) of one split: the training split with its augmented views when
-    `train` and `train.feature_views` > 0, read from `cache_dir` when computed before."""
-    views = config.train.feature_views if train else 0
-    labels = np.tile(data.labels, max(views, 1))
-    file = None
-    if cache_dir is not None:
-        file = cache_dir / f"features-{_fingerprint(model, data, config=config, views=views)}.npy"
-        if file.is_file():
-            return np.load(file), labels
-    if views == 0:
-        values = compute(model, data, transform=build_transform(model, config.data, train=False),
-                         batch_size=config.train.batch_size, device=device)
-    else:
-        values = np.concatenate([
-            compute(model, data, batch_size=config.train.batch_size, device=device,
-                    transform=build_transform(model, config.data, train=True,
-                                              seed=config.seed * 1_009 + view))
-            for view in range(views)
-        ])
-    if file is not None:
-        cache_dir.mkdir(parents=True, exist_ok=True)
-        buffer = io.BytesIO()
-        np.save(buffer, values)
-        write_bytes_atomic(file, buffer.getvalue())
-    return values, labels
-
-
-def _fingerprint(model: nn.Module, data: LabelledImages, *, config: Config, views: int) -> str:
-    """Everything the features depend on: the frozen weights, the images, the preprocessing and
-    the views (with their seed)."""
-    digest = hashlib.sha256(f"{CACHE_VERSION}|{views}|{config.seed if views else ''}".encode())
-    digest.update(repr(sorted(vars(config.data).items())).encode())
-    for name, tensor in model.state_dict().items():
-        if name.startswith(_classifier_prefixes(model)):
-            continue
-        digest.update(name.encode())
-        digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
-    digest.update(np.ascontiguousarray(data.images).tobytes())
-    return digest.hexdigest()[:24]
-
-
-def _classifier_prefixes(model: nn.Module) -> tuple[str, ...]:
-    head = classifier(model)
-    return tuple(f"{name}." for name, module in model.named_modules() if module is head)
+    """One split's features, for a caller that needs a single split."""
+    return FrozenLayers(model, config=config, device=device).features(data, train=train,
+                                                                       cache_dir=cache_dir)

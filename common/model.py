@@ -143,6 +143,13 @@ def _offline_state_dict(name: str, model: nn.Module) -> dict[str, torch.Tensor]:
     return mapped
 
 
+def classifier_keys(model: nn.Module) -> set[str]:
+    """State-dict keys of the classifier (timm's `get_classifier()`), wherever the model keeps it."""
+    head = model.get_classifier()
+    return {f"{name}.{key}" for name, module in model.named_modules() if module is head
+            for key in module.state_dict()}
+
+
 def load_checkpoint(model: nn.Module, path: str) -> None:
     """Load a local checkpoint (a state_dict, or a medfed checkpoint holding one under "model").
 
@@ -159,7 +166,7 @@ def load_checkpoint(model: nn.Module, path: str) -> None:
     if isinstance(state, dict) and isinstance(state.get("model"), dict):
         state = state["model"]
     own = model.state_dict()
-    head = {f"{model.default_cfg.get('classifier', 'classifier')}.{p}" for p in ("weight", "bias")}
+    head = classifier_keys(model)
     misshapen = [k for k, v in state.items() if k in own and v.shape != own[k].shape and k not in head]
     kept = {k: v for k, v in state.items() if not (k in own and v.shape != own[k].shape)}
     missing, unexpected = model.load_state_dict(kept, strict=False)

@@ -60,6 +60,21 @@ class Stages:
     def start_lr(self, stage: str) -> float:
         return self.head_lr if stage == HEAD else self.lr
 
+    def plan(self, rounds: int) -> str:
+        """The stages of a run in words, for the progress line and the report."""
+        head = f"the classifier alone on cached frozen features, lr {self.head_lr:g}"
+        finetune = f"fine-tuning the unfrozen stages, lr {self.lr:g}"
+        if self.head_rounds >= rounds:
+            return f"every round: {head}"
+        if self.head_rounds == 0:
+            return f"every round: {finetune}"
+        return (f"{_rounds(1, self.head_rounds)}: {head}; "
+                f"{_rounds(self.head_rounds + 1, rounds)}: {finetune}")
+
+
+def _rounds(first: int, last: int) -> str:
+    return f"round {first}" if first == last else f"rounds {first}-{last}"
+
 
 class PlateauSchedule:
     def __init__(self, *, lr: float, federation: FederationConfig) -> None:

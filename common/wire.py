@@ -15,6 +15,7 @@ from flwr.app import ArrayRecord
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from medfed.common.model import classifier_keys
 from medfed.common.schedule import FINETUNE, HEAD
 
 BN_STATISTICS = ("running_mean", "running_var")
@@ -30,8 +31,7 @@ def _trainable_batchnorms(model: nn.Module) -> dict[str, _BatchNorm]:
 def exchanged_keys(model: nn.Module, *, bn: str, stage: str = FINETUNE) -> list[str]:
     """State-dict keys that go on the wire in a stage, in state-dict order."""
     if stage == HEAD:
-        head = {f"{name}.{p}" for name, module in model.named_modules()
-                if module is model.get_classifier() for p, _ in module.named_parameters()}
+        head = classifier_keys(model)
         return [k for k in model.state_dict() if k in head]
     batchnorms = _trainable_batchnorms(model)
     keys = {name for name, p in model.named_parameters() if p.requires_grad}

@@ -140,7 +140,7 @@ def run_server(
                                  round_config=round_config, registry=registry, progress=progress)
     head_payload = wire.record_bytes(ArrayRecord({k: initial[k] for k in stage_keys[HEAD]}))
     progress(f"{len(present)} sites, {config.federation.rounds} rounds of {config.federation.strategy}"
-             f" ({_stage_plan(stages, config.federation.rounds)}); {trainable:,} of {total:,} "
+             f" ({stages.plan(config.federation.rounds)}); {trainable:,} of {total:,} "
              f"parameters trainable ({wire.record_bytes(initial) / 1e6:.2f} MB per payload"
              + (f", {head_payload / 1e3:.1f} kB in the head stage)" if stages.head_rounds else ")"))
     remaining = config.federation.rounds - done
@@ -181,16 +181,6 @@ def run_server(
     )
     write_report(run_dir, report)
     return report
-
-
-def _stage_plan(stages: Stages, rounds: int) -> str:
-    if stages.head_rounds >= rounds:
-        return f"head only, on cached frozen features, lr {stages.head_lr:g}"
-    if stages.head_rounds == 0:
-        return f"fine-tuning the unfrozen stages, lr {stages.lr:g}"
-    head = "round 1" if stages.head_rounds == 1 else f"rounds 1-{stages.head_rounds}"
-    return (f"{head}: head on cached frozen features, lr {stages.head_lr:g}; "
-            f"then fine-tuning, lr {stages.lr:g}")
 
 
 def wait_for_sites(grid: Grid, *, expected: list[str], min_sites: int, wait_s: float,

@@ -222,6 +222,7 @@ class FrozenFeatures:
         self.dirs = {site: state_dir({}, sites_dir / f"{simulated_site_name(i)}.npz") / "features"
                      for i, site in enumerate(prepared.sites)}
         self.dirs["global"] = sites_dir / "global-state" / "features"
+        self.frozen = features.FrozenLayers(self.model, config=config, device=device)
 
     def plain(self) -> FrozenFeatures:
         """The same sites' features of the plain images only (no augmented views)."""
@@ -230,8 +231,7 @@ class FrozenFeatures:
         return FrozenFeatures(self.prepared, config, sites_dir=self.sites_dir, device=self.device)
 
     def _of(self, owner: str, data: LabelledImages, *, train: bool) -> tuple[np.ndarray, np.ndarray]:
-        return features.site_features(self.model, data, config=self.config, train=train,
-                                      cache_dir=self.dirs[owner], device=self.device)
+        return self.frozen.features(data, train=train, cache_dir=self.dirs[owner])
 
     def site(self, site: str) -> dict[str, tuple[np.ndarray, np.ndarray]]:
         splits = self.prepared.sites[site]

@@ -235,14 +235,7 @@ def _budget(config) -> str:
     rounds = f.rounds
     work = (f"{t.local_steps} optimizer steps" if t.local_steps is not None
             else f"{t.local_epochs} local epoch{'s' if t.local_epochs > 1 else ''}")
-    head = Stages.of_config(config).head_rounds
-    if head >= rounds:
-        stages = "every round trains the classifier alone on cached frozen features"
-    elif head:
-        stages = (f"{_rounds(1, head)} train the classifier alone on cached frozen features, "
-                  f"{_rounds(head + 1, rounds)} fine-tune the unfrozen stages")
-    else:
-        stages = "every round fine-tunes the unfrozen stages"
+    stages = Stages.of_config(config).plan(rounds)
     views = (f"; the head trains on {t.feature_views} augmented view(s) per training image"
              if t.feature_views else "")
     return (f"{rounds} rounds x {work} ({stages}{views}): every neural mode gets the same rounds "
@@ -250,10 +243,6 @@ def _budget(config) -> str:
             f"learning-rate reduction, early stopping and choice of model "
             f"({selection_rule(f.selection)}); scratch trains every layer from random weights; classical models "
             f"are fit once on the pooled training data")
-
-
-def _rounds(first: int, last: int) -> str:
-    return f"round {first}" if first == last else f"rounds {first}-{last}"
 
 
 def _model_card(config, *, num_classes: int) -> dict:
