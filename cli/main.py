@@ -29,6 +29,9 @@ OPTION_KEYS = {
     "compare": "evidence.compare", "seeds": "evidence.seeds", "folds": "evidence.folds",
     "train_fraction": "evidence.train_fractions",
     "attack": "attack.kind", "attackers": "attack.sites",
+    "dp": "privacy.dp", "epsilon": "privacy.epsilon", "delta": "privacy.delta",
+    "max_grad_norm": "privacy.max_grad_norm", "noise_multiplier": "privacy.noise_multiplier",
+    "clip": "privacy.clip", "secagg": "privacy.secagg",
 }
 
 
@@ -105,6 +108,19 @@ def simulate(
         None, help="Simulate an attack by the first --attackers sites: sign-flip, scaled, noise "
                    "or label-flip (strength: --set attack.scale=S)."),
     attackers: Optional[int] = typer.Option(None, help="Number of attacking sites (with --attack)."),
+    dp: Optional[str] = typer.Option(
+        None, help="Differential privacy: none, sample (DP-SGD at every site, each site's "
+                   "examples protected over the run) or client (updates clipped, their sum noised)."),
+    epsilon: Optional[float] = typer.Option(None, help="--dp sample: each site's budget over the run."),
+    delta: Optional[float] = typer.Option(None, help="DP delta (default 1e-5, lower for a site "
+                                                     "with more than 10,000 training examples)."),
+    max_grad_norm: Optional[float] = typer.Option(
+        None, help="--dp sample: per-example gradient clipping norm (default 1.0)."),
+    noise_multiplier: Optional[float] = typer.Option(
+        None, help="--dp sample: instead of --epsilon; --dp client: the noise, in units of --clip."),
+    clip: Optional[float] = typer.Option(None, help="--dp client: each site's update is clipped to this L2 norm."),
+    secagg: Optional[bool] = typer.Option(
+        None, "--secagg", help="Secure aggregation (refused: see the README's privacy section)."),
     set_: list[str] = typer.Option([], "--set", help="Override any config key: section.key=value."),
     verbose: bool = typer.Option(False, help="Show Flower's and Ray's own logs."),
 ) -> None:

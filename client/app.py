@@ -4,8 +4,10 @@ Everything a site needs to know arrives in the message (the resolved medfed conf
 round's learning rate and stage, FedProx's `proximal-mu`), so the same app runs under the
 Simulation Engine and on a SuperNode. One message per round: a training message is answered with
 the site's evaluation of the global model it received and its update trained from it. In the
-head stage both run on the site's cached frozen features (common/features.py). Exceptions are
-left to Flower, which turns them into error replies that the strategy skips.
+head stage both run on the site's cached frozen features (common/features.py). With DP-SGD the
+site trains through Opacus and keeps its spend in its own state directory (common/privacy.py);
+it refuses to train past its budget. Exceptions are left to Flower, which turns them into error
+replies that the strategy skips.
 """
 
 from __future__ import annotations
@@ -21,13 +23,13 @@ from flwr.app import Context, Message, RecordDict
 from flwr.clientapp import ClientApp
 
 from medfed.client.site_data import load_site, locate_site, state_dir
-from medfed.common import features, messages, wire
+from medfed.common import features, messages, privacy, wire
 from medfed.common.config import Config
 from medfed.common.inference import evaluate, evaluate_features, pick_device
-from medfed.common.messages import ARRAYS, EVALUATION, METRICS, SITE
+from medfed.common.messages import ARRAYS, EVALUATION, METRICS, PRIVACY, SITE
 from medfed.common.model import build_model
 from medfed.common.schedule import HEAD, STAGES
-from medfed.common.training import train_head, train_local
+from medfed.common.training import Trained, train_head, train_local
 from medfed.common.transforms import build_transform
 
 app = ClientApp()
@@ -61,7 +63,8 @@ class _Site:
         self.device = pick_device(self.config.train.device)
         self.head = self.received.stage == HEAD
         self.frozen = features.FrozenLayers(self.model, config=self.config, device=self.device)
-        self.cache_dir = state_dir(node_config, path) / "features"
+        self.state_dir = state_dir(node_config, path)
+        self.cache_dir = self.state_dir / "features"
 
     def features(self, split: str) -> tuple[np.ndarray, np.ndarray]:
         return self.frozen.features(self.data[split], train=split == "train",
@@ -86,19 +89,27 @@ class _Site:
         return messages.evaluation_metrics(results, histograms=histograms,
                                            num_examples=len(self.data["val"]))
 
-    def train(self) -> float:
+    def ledger(self) -> privacy.Ledger | None:
+        """The site's privacy spend in this study, with DP-SGD."""
+        if self.config.privacy.dp != "sample":
+            return None
+        plan = privacy.site_plan(self.config, examples=len(self.data["train"]))
+        return privacy.Ledger(self.state_dir / "privacy", study=self.received.study, plan=plan)
+
+    def train(self, *, private: privacy.SitePlan | None) -> Trained:
         seed = (self.config.seed * 100_003 + self.received.server_round * 1_009
                 + zlib.crc32(self.name.encode()) % 1_000)
         common = dict(config=self.config.train, lr=self.received.lr,
-                      proximal_mu=self.received.proximal_mu, device=self.device, seed=seed)
+                      proximal_mu=self.received.proximal_mu, device=self.device, seed=seed,
+                      private=private)
         if self.head:
             values, labels = self.features("train")
-            loss = train_head(features.classifier(self.model), values, labels, **common)
+            trained = train_head(features.classifier(self.model), values, labels, **common)
         else:
             transform = build_transform(self.model, self.config.data, train=True, seed=seed)
-            loss = train_local(self.model, self.data["train"], transform=transform, **common)
+            trained = train_local(self.model, self.data["train"], transform=transform, **common)
         self.model.cpu()
-        return loss
+        return trained
 
     def reply(self, message: Message, **records) -> Message:
         return Message(content=RecordDict({**records, SITE: messages.site_record(self.name)}),
@@ -110,17 +121,25 @@ def train(message: Message, context: Context) -> Message:
     started = time.perf_counter()
     site = _Site(message, context)
     evaluation = site.evaluation()
-    loss = site.train()
+    ledger = site.ledger()
+    if ledger is not None:
+        ledger.check(site=site.name)
+    trained = site.train(private=None if ledger is None else ledger.plan)
+    spend = {}
+    if ledger is not None:
+        ledger.record(trained.releases)
+        spend = {PRIVACY: messages.privacy_metrics(ledger.metrics())}
     local = wire.local_keys(site.model, bn=site.config.model.bn)
     if local:
         context.state[messages.LOCAL_STATE] = wire.to_record(site.model, local)
     return site.reply(message, **{
         ARRAYS: wire.to_record(site.model, site.keys),
         METRICS: messages.train_metrics(
-            num_examples=len(site.data["train"]), loss=loss,
+            num_examples=len(site.data["train"]), loss=trained.loss,
             seconds=time.perf_counter() - started,
             peak_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
         EVALUATION: evaluation,
+        **spend,
     })
 
 

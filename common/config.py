@@ -32,7 +32,11 @@ PARTITIONS = ("iid", "dirichlet", "quantity", "pathological", "natural")
 EQUALIZERS = ("none", "clahe", "hist")
 MODES = ("federated", "centralized", "local", "scratch", "classical")
 OPTIMIZERS = ("adam", "sgd")
-BN_POLICIES = ("avg", "local")
+BN_POLICIES = ("avg", "local", "frozen")
+DP_MODES = ("none", "sample", "client")
+# Strategies whose aggregate is a mean of the updates: the only ones client-level DP calibrates
+# its noise for (FedAvgM, FedAdam and FedYogi then post-process the noised mean).
+MEAN_STRATEGIES = ("fedavg", "fedprox", "fedavgm", "fedadam", "fedyogi")
 DEVICES = ("auto", "cpu", "cuda")
 SELECTIONS = ("auc", "loss")
 MEDMNIST_RESOLUTIONS = (28, 64, 128, 224)
@@ -88,7 +92,9 @@ class ModelConfig:
     # features: the default, best and cheapest in docs/BENCHMARKS.md); "0" fine-tunes everything.
     freeze: str = "all"
     # BatchNorm of the trainable part: "avg" sends its statistics to be averaged, "local" keeps
-    # BatchNorm weights and statistics at each site (FedBN).
+    # BatchNorm weights and statistics at each site (FedBN), "frozen" keeps every BatchNorm at its
+    # pretrained values (what DP-SGD needs: a per-example gradient through batch statistics does
+    # not exist).
     bn: str = "avg"
 
 
@@ -175,6 +181,32 @@ class AttackConfig:
 
 
 @dataclass
+class PrivacyConfig:
+    """Differential privacy (common/privacy.py).
+
+    * sample: DP-SGD at every site (Opacus): each site's training examples are protected by
+      (epsilon, delta)-DP over the whole run; the noise for `epsilon` over the planned rounds is
+      computed up front at each site, whose spend is kept in its own state directory.
+    * client: each site's whole update is clipped to `clip` and the server adds Gaussian noise of
+      `noise_multiplier` x `clip` to their sum (Flower's server-side fixed clipping): each site's
+      participation is protected; epsilon is reported per round."""
+
+    dp: str = "none"
+    # sample: the budget per site over the run (the noise is computed from it).
+    epsilon: float | None = None
+    # None: 1e-5, or lower at a site where 1e-5 is not below a tenth of 1/(its training examples).
+    delta: float | None = None
+    # sample: each example's gradient is clipped to this L2 norm.
+    max_grad_norm: float = 1.0
+    # sample: instead of epsilon (with epsilon too it must be enough for it); client: required.
+    noise_multiplier: float | None = None
+    # client: each site's update (its change to the global model) is clipped to this L2 norm.
+    clip: float = 1.0
+    # Secure aggregation (SecAgg+); see the README's privacy section for why it is refused.
+    secagg: bool = False
+
+
+@dataclass
 class SimulationConfig:
     # CPU cores given to each virtual site; 2 cores and 1 per site run two sites at a time.
     cpus_per_site: float = 1.0
@@ -211,6 +243,7 @@ class Config:
     simulation: SimulationConfig = field(default_factory=SimulationConfig)
     evidence: EvidenceConfig = field(default_factory=EvidenceConfig)
     attack: AttackConfig = field(default_factory=AttackConfig)
+    privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
     seed: int = 0
     # Run directory; None picks runs/<dataset>-<strategy>-<time>.
     out: str | None = None
@@ -455,6 +488,7 @@ def validate(config: Config) -> Config:
     _check(a.kind != "none" or a.sites == 0, "attack.sites", a.sites,
            "0 without an attack (set attack.kind too)")
     _check(a.scale > 0, "attack.scale", a.scale, "a number > 0")
+    _validate_privacy(config)
     _check(s.cpus_per_site > 0, "simulation.cpus_per_site", s.cpus_per_site, "a number > 0")
     _check(s.gpus_per_site is None or s.gpus_per_site >= 0, "simulation.gpus_per_site",
            s.gpus_per_site, "null (auto) or 0 or more")
@@ -537,3 +571,41 @@ def study_classes(config: Config) -> list[str]:
             f"in label order, e.g. data: {{classes: [normal, pneumonia]}} (two or more, no repeats)"
         )
     return classes
+
+
+def _validate_privacy(config: Config) -> None:
+    p, f = config.privacy, config.federation
+    _check(p.dp in DP_MODES, "privacy.dp", p.dp, ", ".join(DP_MODES))
+    _check(p.epsilon is None or p.epsilon > 0, "privacy.epsilon", p.epsilon, "a number > 0")
+    _check(p.delta is None or 0 < p.delta < 1, "privacy.delta", p.delta, "0 < value < 1")
+    _check(p.max_grad_norm > 0, "privacy.max_grad_norm", p.max_grad_norm, "a number > 0")
+    _check(p.clip > 0, "privacy.clip", p.clip, "a number > 0")
+    _check(p.noise_multiplier is None or p.noise_multiplier >= 0, "privacy.noise_multiplier",
+           p.noise_multiplier, "0 or more")
+    _check(not p.secagg, "privacy.secagg", p.secagg,
+           "false: Flower 1.42's SecAgg+ runs only on its legacy strategy API (configure_fit / "
+           "aggregate_fit over four message rounds), which medfed's Message-API strategy does not "
+           "use; see the README's privacy section")
+    if p.dp == "sample":
+        _check(p.epsilon is not None or p.noise_multiplier is not None, "privacy.epsilon",
+               p.epsilon, "a budget > 0 with --dp sample (or give --noise-multiplier)")
+        _check(p.noise_multiplier is None or p.noise_multiplier > 0, "privacy.noise_multiplier",
+               p.noise_multiplier, "a number > 0 with --dp sample (no noise is no privacy)")
+        _check(f.strategy != "fedprox", "federation.strategy", f.strategy,
+               "any strategy but fedprox with --dp sample (FedProx's proximal term adds a "
+               "gradient that is not per-example, which DP-SGD cannot clip)")
+        _check(config.model.bn == "frozen" or config.model.freeze == "all"
+               or f.head_rounds == f.rounds, "model.bn", config.model.bn,
+               "frozen with --dp sample when the run fine-tunes (DP-SGD cannot compute "
+               "per-example gradients through BatchNorm's batch statistics); add --set "
+               "model.bn=frozen, or train the head only (--freeze all)")
+    if p.dp == "client":
+        _check(p.noise_multiplier is not None, "privacy.noise_multiplier", p.noise_multiplier,
+               "a number >= 0 with --dp client (the noise added to the sum of the clipped updates, "
+               "in units of --clip)")
+        _check(f.strategy in MEAN_STRATEGIES, "federation.strategy", f.strategy,
+               f"{', '.join(MEAN_STRATEGIES)} with --dp client (its noise is calibrated to a mean "
+               f"of the updates; a median or Krum has another sensitivity)")
+        _check(f.fraction_train == 1, "federation.fraction_train", f.fraction_train,
+               "1 with --dp client (epsilon is computed for every site in every round, with no "
+               "credit for sampling)")

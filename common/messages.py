@@ -11,11 +11,14 @@ beyond the arrays themselves (common/wire.py), with the one builder and the one 
   registry, i.e. in simulation).
 * The evaluation metric record: `{split}-{metric}` scalars, `{split}-confusion` (the confusion
   matrix flattened row by row) and `{split}-histogram` (labels per class).
+* With DP-SGD, a training reply's privacy record: the site's spend over the study so far
+  (epsilon, delta, noise multiplier, clipping norm, sample rate, steps, budget).
 * The key under which a site keeps its never-sent state between rounds in Flower's Context.
 """
 
 from __future__ import annotations
 
+import hashlib
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,6 +34,9 @@ from medfed.common.schedule import FINETUNE
 # Flower's own record names (FedAvg's arrayrecord_key / configrecord_key) and medfed's.
 ARRAYS, METRICS, CONFIG, SITE = "arrays", "metrics", "config", "site"
 EVALUATION = "evaluation"            # a training reply's evaluation of the model it received
+PRIVACY = "privacy"                  # a training reply's DP-SGD spend (privacy.dp: sample)
+PRIVACY_METRICS = ("epsilon", "delta", "noise-multiplier", "max-grad-norm", "sample-rate", "steps",
+                   "budget")
 WEIGHT_KEY = "num-examples"          # Flower's FedAvg weighs replies by this metric
 TRAIN_LOSS = "train-loss"
 COMPUTE_SECONDS, PEAK_MB = "compute-s", "peak-mb"
@@ -38,10 +44,20 @@ EVALUATED_SPLITS = ("val", "test")
 LOCAL_STATE = "medfed-local-state"   # Context.state key; never on the wire
 
 
-def round_config(config: Config, *, classes: list[str], simulated: dict | None = None) -> dict:
-    """What every message of a run carries besides the arrays; `simulated` (from
+def round_config(config: Config, *, classes: list[str], study: str,
+                 simulated: dict | None = None) -> dict:
+    """What every message of a run carries besides the arrays; `study` names the study (the
+    same after a resume: a site keeps its privacy spend under it); `simulated` (from
     `simulated_sites`) tells virtual sites where their data lies."""
-    return {"medfed-config": config.to_json(), "classes": list(classes), **(simulated or {})}
+    return {"medfed-config": config.to_json(), "classes": list(classes), "study": study,
+            **(simulated or {})}
+
+
+def study_id(config: Config, run_dir: Path) -> str:
+    """A study's name: its config and the server's run directory, so a resumed study keeps it
+    and a study started again from scratch in the same place is charged to the same budget."""
+    digest = hashlib.sha256(f"{config.to_json()}|{Path(run_dir).resolve()}".encode())
+    return digest.hexdigest()[:16]
 
 
 def simulated_sites(sites_dir: Path, site_names: list[str]) -> dict:
@@ -62,6 +78,7 @@ class RoundConfig:
 
     config_json: str
     classes: tuple[str, ...]
+    study: str
     server_round: int
     lr: float | None
     stage: str
@@ -83,6 +100,7 @@ def read_round_config(message: Message) -> RoundConfig:
     return RoundConfig(
         config_json=str(values["medfed-config"]),
         classes=tuple(values["classes"]),
+        study=str(values.get("study", "")),
         server_round=int(values.get("server-round", 0)),
         lr=float(values["lr"]) if "lr" in values else None,
         stage=str(values.get("stage", FINETUNE)),
@@ -110,6 +128,11 @@ def train_metrics(*, num_examples: int, loss: float, seconds: float, peak_mb: fl
     (wall seconds from receiving it to replying, the process's peak resident memory)."""
     return MetricRecord({WEIGHT_KEY: num_examples, TRAIN_LOSS: loss, COMPUTE_SECONDS: seconds,
                          PEAK_MB: peak_mb})
+
+
+def privacy_metrics(spend: dict[str, float]) -> MetricRecord:
+    """A training reply's privacy record (common/privacy.Ledger.metrics)."""
+    return MetricRecord({key: float(spend[key]) for key in PRIVACY_METRICS})
 
 
 def evaluation_metrics(results: dict[str, dict], *, histograms: dict[str, list[int]],

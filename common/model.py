@@ -70,6 +70,11 @@ def build_model(config: ModelConfig, *, num_classes: int, seed: int) -> nn.Modul
             model = timm.create_model(config.backbone, pretrained=False, num_classes=num_classes)
             load_checkpoint(model, config.weights)
     freeze_stages(model, parse_freeze(config.freeze))
+    if config.bn == "frozen":
+        trainable = [name for name, module in model.named_modules()
+                     if isinstance(module, _NormBase) and any(p.requires_grad for p in module.parameters())]
+        if trainable:
+            timm.utils.freeze(model, trainable)
     return model
 
 

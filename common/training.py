@@ -2,13 +2,15 @@
 
 `train_local` trains the unfrozen layers on images; `train_head` trains the classifier alone on
 cached frozen features (common/features.py). Both run the same optimization loop, so a round's
-budget (`local_epochs` passes or `local_steps` steps), the optimizer and FedProx's proximal term
-mean the same thing in both stages.
+budget (`local_epochs` passes or `local_steps` steps), the optimizer, FedProx's proximal term and
+DP-SGD (common/privacy.py) mean the same thing in both stages.
 """
 
 from __future__ import annotations
 
 import itertools
+import secrets
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -16,6 +18,16 @@ from torch import nn
 
 from medfed.common.config import TrainConfig
 from medfed.common.dataset import LabelledImages, TransformedImages
+from medfed.common.privacy import SitePlan, make_private
+
+
+@dataclass
+class Trained:
+    """One round of local training: the mean cross-entropy seen, and with DP-SGD the releases
+    Opacus' accountant recorded, (noise multiplier, sample rate, steps)."""
+
+    loss: float
+    releases: list[tuple[float, float, int]] = field(default_factory=list)
 
 
 def make_optimizer(params, config: TrainConfig, lr: float) -> torch.optim.Optimizer:
@@ -34,8 +46,9 @@ def train_local(
     proximal_mu: float,
     device: torch.device,
     seed: int,
-) -> float:
-    """Train the unfrozen layers in place for one round; return the mean cross-entropy seen.
+    private: SitePlan | None = None,
+) -> Trained:
+    """Train the unfrozen layers in place for one round (with DP-SGD under `private`).
 
     With `proximal_mu > 0` (FedProx) the loss gains mu/2 * ||w - w_global||^2 over the trainable
     weights, w_global being the weights received this round.
@@ -43,7 +56,7 @@ def train_local(
     model.to(device).train()
     dataset = TransformedImages(data, transform)
     return _optimize(model, dataset, config=config, lr=lr, proximal_mu=proximal_mu, device=device,
-                     seed=seed)
+                     seed=seed, private=private)
 
 
 def train_head(
@@ -56,32 +69,45 @@ def train_head(
     proximal_mu: float,
     device: torch.device,
     seed: int,
-) -> float:
-    """Train the classifier alone in place on cached classifier inputs; the mean cross-entropy."""
+    private: SitePlan | None = None,
+) -> Trained:
+    """Train the classifier alone in place on cached classifier inputs."""
     classifier.to(device).train()
     dataset = torch.utils.data.TensorDataset(torch.from_numpy(features),
                                              torch.from_numpy(labels.astype(np.int64)))
     return _optimize(classifier, dataset, config=config, lr=lr, proximal_mu=proximal_mu,
-                     device=device, seed=seed)
+                     device=device, seed=seed, private=private)
 
 
 def _optimize(module: nn.Module, dataset, *, config: TrainConfig, lr: float, proximal_mu: float,
-              device: torch.device, seed: int) -> float:
+              device: torch.device, seed: int, private: SitePlan | None) -> Trained:
     params = [p for p in module.parameters() if p.requires_grad]
     anchor = [p.detach().clone() for p in params] if proximal_mu > 0 else None
     optimizer = make_optimizer(params, config, lr)
     generator = torch.Generator().manual_seed(seed)
     loader = torch.utils.data.DataLoader(
         dataset, batch_size=config.batch_size, shuffle=True, generator=generator,
-        drop_last=len(dataset) > config.batch_size,
+        drop_last=len(dataset) > config.batch_size and private is None,
     )
-    scaler = torch.amp.GradScaler(device.type, enabled=device.type == "cuda")
+    engine = None
+    if private is not None:
+        # DP-SGD's noise and Poisson sampling must not be reproducible from the run's seed, which
+        # the server knows: they draw from the operating system's randomness.
+        torch.manual_seed(secrets.randbits(63))
+        module, optimizer, loader, engine = make_private(
+            module, optimizer, loader, plan=private,
+            generator=torch.Generator(device=device).manual_seed(secrets.randbits(63)))
+    amp = device.type == "cuda" and private is None
+    scaler = torch.amp.GradScaler(device.type, enabled=amp)
     loss_sum, seen = 0.0, 0
     for inputs, targets in _batches(loader, config):
         inputs, targets = inputs.to(device), targets.to(device)
         optimizer.zero_grad(set_to_none=True)
-        with torch.autocast(device.type, enabled=device.type == "cuda"):
-            cross_entropy = nn.functional.cross_entropy(module(inputs).float(), targets)
+        with torch.autocast(device.type, enabled=amp):
+            # The mean, written so that an empty batch (Poisson sampling draws them; its noisy
+            # step still counts) gives 0, not NaN.
+            cross_entropy = nn.functional.cross_entropy(module(inputs).float(), targets,
+                                                        reduction="sum") / max(len(targets), 1)
         loss = cross_entropy
         if anchor is not None:
             proximal = sum(((p - a) ** 2).sum() for p, a in zip(params, anchor))
@@ -91,7 +117,11 @@ def _optimize(module: nn.Module, dataset, *, config: TrainConfig, lr: float, pro
         scaler.update()
         loss_sum += cross_entropy.item() * len(targets)
         seen += len(targets)
-    return loss_sum / max(seen, 1)
+    releases = []
+    if engine is not None:
+        releases = [tuple(entry) for entry in engine.accountant.history]
+        module._close()  # Opacus' hooks off the caller's module, which may train again
+    return Trained(loss=loss_sum / max(seen, 1), releases=releases)
 
 
 def _batches(loader, config: TrainConfig):

@@ -22,6 +22,7 @@ from medfed.common.files import save_torch
 from medfed.common.inference import evaluate, evaluate_features, pick_device
 from medfed.common.metrics import SCALARS, format_number
 from medfed.common.model import build_model, count_parameters
+from medfed.common.privacy import DEFAULT_DELTA
 from medfed.common.transforms import build_transform
 from medfed.server.report import build_report, write_report
 from medfed.common.schedule import (
@@ -63,12 +64,18 @@ def run_server(
     model = build_model(config.model, num_classes=num_classes, seed=config.seed)
     stage_keys = {s: wire.exchanged_keys(model, bn=config.model.bn, stage=s) for s in STAGES}
     keys = stage_keys[FINETUNE]  # every key any stage trains: the global model's arrays
+    if config.privacy.dp == "client" and wire.statistic_keys(keys):
+        raise MedfedError(
+            "--dp client cannot protect BatchNorm statistics (they are averaged, not clipped or "
+            "noised); add --set model.bn=frozen or --set model.bn=local, or train the head only "
+            "(--freeze all)")
     initial = wire.to_record(model, keys)
     trainable, total = count_parameters(model)
     device = pick_device(config.train.device)
     transform = build_transform(model, config.data, train=False)
     stages = Stages.of_config(config)
     round_config = messages.round_config(config, classes=list(dataset["classes"]),
+                                         study=messages.study_id(config, run_dir),
                                          simulated=simulated_sites)
 
     cached: list = []  # the global test set's frozen features, computed at the first head round
@@ -104,6 +111,8 @@ def run_server(
         registry=registry,
         norm_factor=config.federation.norm_factor,
         max_examples=config.federation.max_examples,
+        dp=config.privacy.dp,
+        clip_delta=config.privacy.delta or DEFAULT_DELTA,
         on_event=lambda event, record: _report_progress(event, record, progress, config),
     )
     arrays, done = initial, 0
@@ -229,6 +238,14 @@ def _report_progress(event: str, record: RoundRecord, progress, config: Config) 
             progress(f"round {record.round:>3} | site failed: {failure}")
         for rejection in record.rejected:
             progress(f"round {record.round:>3} | update rejected: {rejection}")
+        if record.privacy:
+            spent = "  ".join(f"{s} {v['epsilon']:.2f}" for s, v in sorted(record.privacy.items()))
+            progress(f"round {record.round:>3} | privacy spent (epsilon) {spent}")
+        if record.client_privacy:
+            epsilon = record.client_privacy["epsilon"]
+            progress(f"round {record.round:>3} | client-level privacy: epsilon "
+                     f"{'inf (no noise)' if epsilon is None else f'{epsilon:.2f}'} over "
+                     f"{record.round} round(s), {record.client_privacy['sites']} updates aggregated")
     else:
         progress(f"round {record.round:>3} | aggregated val loss {record.val_loss:.4f} "
                  f"AUC {format_number(record.val_auc)}")

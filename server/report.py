@@ -55,6 +55,8 @@ def build_report(
             "failures": record.failures,
             "rejected": record.rejected,
             "missing": record.missing,
+            "privacy": dict(sorted(record.privacy.items())),
+            "client_privacy": record.client_privacy,
         })
     return {
         "config": config,
@@ -81,9 +83,46 @@ def build_report(
             "bytes_down_per_round": _per_round(rounds, "bytes_down"),
         },
         "model": model,
+        "privacy": privacy_summary(config["privacy"], rounds),
         "timing": {"wall_s": round(wall_s, 2), "resumed_from_round": resumed_from},
         "versions": versions(),
     }
+
+
+def privacy_summary(settings: dict, rounds: dict[int, RoundRecord]) -> dict:
+    """What the run's differential privacy guarantees, in numbers and in one plain sentence."""
+    mode = settings["dp"]
+    summary = {"dp": mode, "sites": {}, "guarantee": ""}
+    if mode == "sample":
+        for number in sorted(rounds):
+            summary["sites"].update(rounds[number].privacy)  # each site's latest spend
+        spends = summary["sites"].values()
+        if spends:
+            epsilon = max(s["epsilon"] for s in spends)
+            delta = max(s["delta"] for s in spends)
+            summary["guarantee"] = (
+                f"Each site's training examples are protected by (epsilon = {epsilon:.2f}, "
+                f"delta = {delta:.0e})-differential privacy over the whole run (DP-SGD at every "
+                f"site, per-example gradients clipped to {settings['max_grad_norm']:g}; the "
+                f"largest spend of any site).")
+    elif mode == "client":
+        last = next((rounds[n].client_privacy for n in sorted(rounds, reverse=True)
+                     if rounds[n].client_privacy), None)
+        summary["aggregate"] = last
+        if last is not None and last["epsilon"] is not None:
+            summary["guarantee"] = (
+                f"Each site's participation (all of its data at once) is protected by (epsilon = "
+                f"{last['epsilon']:.2f}, delta = {last['delta']:.0e})-differential privacy over "
+                f"the whole run, as released by the server (updates clipped to "
+                f"{settings['clip']:g}, noise added to their sum by the server, which sees each "
+                f"update: no secure aggregation).")
+        elif last is not None:
+            summary["guarantee"] = ("No differential-privacy guarantee: the noise multiplier is 0 "
+                                    "(updates are clipped only).")
+    else:
+        summary["guarantee"] = ("No differential privacy: images never leave a site, but the "
+                                "updates sent carry no formal guarantee.")
+    return summary
 
 
 def write_report(run_dir: Path, report: dict) -> None:
@@ -178,7 +217,18 @@ def render_markdown(report: dict) -> str:
         f"({comm['exchanged_tensors']} tensors, {comm['payload_bytes'] / 1e6:.2f} MB per model payload). "
         f"Per round, all sites together: {np.mean(up) / 1e6 if up else 0:.2f} MB up, "
         f"{np.mean(down) / 1e6 if down else 0:.2f} MB down (train and evaluation messages).",
-        "", f"Wall time {report['timing']['wall_s']:.0f} s.", "",
+        "", "## Privacy", "", report["privacy"]["guarantee"], "",
+    ]
+    spends = report["privacy"]["sites"]
+    if spends:
+        lines += ["| site | epsilon | delta | noise multiplier | clipping norm | sample rate | steps |",
+                  "|---|---|---|---|---|---|---|"]
+        lines += [f"| {site} | {s['epsilon']:.2f} | {s['delta']:.0e} | {s['noise-multiplier']:.3f} | "
+                  f"{s['max-grad-norm']:g} | {s['sample-rate']:.3f} | {int(s['steps'])} |"
+                  for site, s in spends.items()]
+        lines.append("")
+    lines += [
+        f"Wall time {report['timing']['wall_s']:.0f} s.", "",
         "## Data", "", data.get("citation", ""), "",
     ]
     return "\n".join(lines)

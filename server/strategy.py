@@ -39,17 +39,20 @@ import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import (
-    Bulyan, FedAdam, FedAvg, FedAvgM, FedMedian, FedProx, FedTrimmedAvg, FedYogi, Krum, MultiKrum,
-    Strategy,
+    Bulyan, DifferentialPrivacyServerSideFixedClipping, FedAdam, FedAvg, FedAvgM, FedMedian,
+    FedProx, FedTrimmedAvg, FedYogi, Krum, MultiKrum, Strategy,
 )
+from flwr.serverapp.strategy.dp_fixed_clipping import DifferentialPrivacyFixedClippingBase
 from flwr.serverapp.strategy.fedtrimmedavg import trim_mean
 from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords
 
 from medfed.common import messages
 from medfed.common.config import BYZANTINE_MINIMUM, Config, check_sites
 from medfed.common.messages import (
-    COMPUTE_SECONDS, EVALUATION, METRICS, PEAK_MB, TRAIN_LOSS, WEIGHT_KEY, declared_name,
+    COMPUTE_SECONDS, EVALUATION, METRICS, PEAK_MB, PRIVACY, TRAIN_LOSS, WEIGHT_KEY, clean,
+    declared_name,
 )
+from medfed.common.privacy import client_epsilon
 from medfed.common.wire import record_bytes
 from medfed.common.schedule import PlateauSchedule, Stages, selection_score
 from medfed.server.validation import RoundReference, screen, screen_evaluation
@@ -84,6 +87,18 @@ def make_flower_strategy(config: Config, *, num_sites: int) -> Strategy:
         train_metrics_aggr_fn=mean_scalar_metrics,
         evaluate_metrics_aggr_fn=mean_scalar_metrics,
     )
+    strategy = _base_strategy(config, sampling=sampling, num_sites=num_sites)
+    p = config.privacy
+    if p.dp == "client":
+        # Each site's update is clipped to `clip` and the mean noised with std z * clip / n.
+        return DifferentialPrivacyServerSideFixedClipping(
+            strategy, noise_multiplier=p.noise_multiplier, clipping_norm=p.clip,
+            num_sampled_clients=num_sites)
+    return strategy
+
+
+def _base_strategy(config: Config, *, sampling: dict, num_sites: int) -> Strategy:
+    f = config.federation
     if f.strategy == "fedprox":
         return FedProx(**sampling, proximal_mu=f.mu)
     if f.strategy == "fedadam":
@@ -109,6 +124,7 @@ def make_flower_strategy(config: Config, *, num_sites: int) -> Strategy:
     return FedAvg(**sampling)
 
 
+DP_WRAPPERS = (DifferentialPrivacyFixedClippingBase,)
 # Strategies whose BatchNorm statistics are the coordinate-wise median of the sites': FedMedian's
 # own rule, and the rule for Krum, MultiKrum and Bulyan, which select or trim whole updates by
 # distances computed on the parameters alone (the statistics never enter them), so an
@@ -137,6 +153,11 @@ class RoundRecord:
     val_loss: float | None = None
     val_auc: float | None = None
     global_test: dict | None = None
+    # DP-SGD: each site's spend over the study so far (its privacy record).
+    privacy: dict[str, dict] = field(default_factory=dict)
+    # Client-level DP: this round's release (sites aggregated, effective noise multiplier) and
+    # epsilon over the study so far.
+    client_privacy: dict | None = None
 
 
 def site_name(reply: Message, registry: dict[int, str] | None = None) -> str:
@@ -201,10 +222,16 @@ class MedfedStrategy(Strategy):
         wait_s: float,
         norm_factor: float,
         max_examples: int,
+        dp: str = "none",
+        clip_delta: float = 1e-5,
         registry: dict[int, str] | None = None,
         on_event: Callable[[str, RoundRecord], None] = lambda event, record: None,
     ) -> None:
         self.inner = inner
+        # The strategy that samples and aggregates: the one a DP wrapper wraps, else `inner`.
+        self.base = inner.strategy if isinstance(inner, DP_WRAPPERS) else inner
+        self.dp = dp
+        self.clip_delta = clip_delta
         self.statistic_keys = set(statistic_keys)
         self.schedule = schedule
         self.stages = stages
@@ -246,8 +273,8 @@ class MedfedStrategy(Strategy):
         if stage != self.stage:
             self.stage = stage
             for name in SERVER_OPTIMIZER_STATE:
-                if hasattr(self.inner, name):
-                    setattr(self.inner, name, None)
+                if hasattr(self.base, name):
+                    setattr(self.base, name, None)
             self.schedule.restart(self.stages.start_lr(stage))
         return stage
 
@@ -293,9 +320,9 @@ class MedfedStrategy(Strategy):
                 )
             time.sleep(1.0)
         wanted = min(connected, len(self.expected_sites))
-        self.inner.min_available_nodes = wanted
-        self.inner.min_evaluate_nodes = wanted
-        self.inner.min_train_nodes = min(self.inner.min_train_nodes, wanted)
+        self.base.min_available_nodes = wanted
+        self.base.min_evaluate_nodes = wanted
+        self.base.min_train_nodes = min(self.base.min_train_nodes, wanted)
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                         grid: Grid) -> Iterable[Message]:
@@ -317,7 +344,7 @@ class MedfedStrategy(Strategy):
                                                    self._config(config, stage), grid))
         for message in messages:
             # The wrapped strategy saw parameters only (FedOpt keeps them as its x_t); sites get all.
-            message.content[self.inner.arrayrecord_key] = sent
+            message.content[self.base.arrayrecord_key] = sent
         return self._note_sent(messages, sent)
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]
@@ -335,7 +362,8 @@ class MedfedStrategy(Strategy):
             RoundReference(arrays=self._global, sites=self.expected_sites,
                            max_examples=self.max_examples, norm_factor=self.norm_factor,
                            num_classes=len(self.round_config["classes"]),
-                           declared=self._declared_examples(), registry=self.registry),
+                           declared=self._declared_examples(), registry=self.registry,
+                           private=self.dp == "sample"),
         )
         # Shown by the progress callback (on_event below), in simulation and deployment alike.
         record.rejected = [str(rejection) for rejection in rejections]
@@ -352,6 +380,9 @@ class MedfedStrategy(Strategy):
             # The site's evaluation of the model it received: the global model after the last round.
             received.evaluate[name] = dict(reply.content[EVALUATION].items())
             del reply.content[EVALUATION]  # Flower's aggregation expects one MetricRecord
+            if PRIVACY in reply.content:
+                record.privacy[name] = dict(reply.content[PRIVACY].items())
+                del reply.content[PRIVACY]
         self.on_event("train", record)
         if accepted and server_round > 1:
             self._judge(received, self._full)
@@ -366,18 +397,23 @@ class MedfedStrategy(Strategy):
         sent_statistics = self.statistic_keys.intersection(self._global)
         if sent_statistics:
             statistics = aggregate_statistics([r.content for r in valid], keys=sent_statistics,
-                                              strategy=self.inner)
+                                              strategy=self.base)
             for reply in valid:
                 reply.content["arrays"] = ArrayRecord(
                     {k: a for k, a in reply.content["arrays"].items() if k not in sent_statistics}
                 )
-        if isinstance(self.inner, MultiKrum) and not isinstance(self.inner, Krum):
-            self.inner.num_nodes_to_select = max(1, len(valid) - self.inner.num_malicious_nodes)
-        if isinstance(self.inner, Bulyan) and len(valid) < 4 * self.inner.num_malicious_nodes + 3:
+        if isinstance(self.base, MultiKrum) and not isinstance(self.base, Krum):
+            self.base.num_nodes_to_select = max(1, len(valid) - self.base.num_malicious_nodes)
+        if isinstance(self.base, Bulyan) and len(valid) < 4 * self.base.num_malicious_nodes + 3:
             log.warning("round %d: Bulyan needs %d accepted updates (4f + 3, f = %d), got %d; the "
                         "global model is left unchanged this round", server_round,
-                        4 * self.inner.num_malicious_nodes + 3, self.inner.num_malicious_nodes,
+                        4 * self.base.num_malicious_nodes + 3, self.base.num_malicious_nodes,
                         len(valid))
+        if self.dp == "client":
+            self._account_client_dp(record, aggregated=len(valid))
+            for reply in valid:
+                # The noise is calibrated to an unweighted mean: one site, one vote.
+                reply.content[METRICS][WEIGHT_KEY] = 1
         parameters, metrics = self.inner.aggregate_train(server_round, valid)
         if parameters is None:
             return None, metrics
@@ -393,6 +429,18 @@ class MedfedStrategy(Strategy):
                                    "limit); the global model is left unchanged this round")
             return None, metrics
         return ArrayRecord({k: Array(value) for k, value in values.items()}), metrics
+
+    def _account_client_dp(self, record: RoundRecord, *, aggregated: int) -> None:
+        """This round's release: Flower's noise has std z * C / n on the mean of the m updates
+        aggregated, i.e. z * m / n times the clip on their sum, whose sensitivity is C."""
+        z = self.inner.noise_multiplier * aggregated / self.inner.num_sampled_clients
+        releases = [r.client_privacy["noise_multiplier"] for _, r in sorted(self.rounds.items())
+                    if r.client_privacy and r.round < record.round] + [z]
+        record.client_privacy = {
+            "noise_multiplier": z, "clip": self.inner.clipping_norm, "sites": aggregated,
+            "delta": self.clip_delta,
+            "epsilon": clean(client_epsilon(releases, delta=self.clip_delta)),  # None: no noise
+        }
 
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                            grid: Grid) -> Iterable[Message]:
@@ -477,8 +525,8 @@ class MedfedStrategy(Strategy):
             "dtypes": {k: str(v) for k, v in self._dtypes.items()},
             "stage": self.stage,
             # FedAdam/FedYogi (FedOpt) and FedAvgM keep x_t and their moments between rounds.
-            "optimizer": {name: _plain(getattr(self.inner, name)) for name in SERVER_OPTIMIZER_STATE
-                          if hasattr(self.inner, name)},
+            "optimizer": {name: _plain(getattr(self.base, name)) for name in SERVER_OPTIMIZER_STATE
+                          if hasattr(self.base, name)},
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -488,8 +536,8 @@ class MedfedStrategy(Strategy):
         self._dtypes = {k: np.dtype(v) for k, v in state["dtypes"].items()}
         self.stage = state["stage"]
         for name, value in state["optimizer"].items():
-            setattr(self.inner, name, _arrays(value) if name in FEDAVGM_RECORDS
-                    and isinstance(self.inner, FedAvgM) else value)
+            setattr(self.base, name, _arrays(value) if name in FEDAVGM_RECORDS
+                    and isinstance(self.base, FedAvgM) else value)
         self.round_offset = max(self.rounds, default=0)
 
 

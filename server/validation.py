@@ -19,7 +19,8 @@ from flwr.app import ArrayRecord, Message, RecordDict
 
 from medfed.common.dataset import SPLITS
 from medfed.common.messages import (
-    COMPUTE_SECONDS, EVALUATED_SPLITS, EVALUATION, PEAK_MB, TRAIN_LOSS, WEIGHT_KEY, declared_name,
+    COMPUTE_SECONDS, EVALUATED_SPLITS, EVALUATION, PEAK_MB, PRIVACY, PRIVACY_METRICS, TRAIN_LOSS,
+    WEIGHT_KEY, declared_name,
 )
 from medfed.common.metrics import SCALARS
 
@@ -49,6 +50,7 @@ class RoundReference:
     num_classes: int  # the study's classes (a reply's evaluation counts per class)
     declared: Mapping[str, int] = field(default_factory=dict)  # training examples declared earlier
     registry: Mapping[int, str] | None = None  # Flower node id -> registered site (deployment)
+    private: bool = False  # DP-SGD at the sites: every reply carries its privacy record
 
 
 @dataclass(frozen=True)
@@ -124,11 +126,12 @@ def identity_problem(name: str, reply: Message, reference: RoundReference) -> st
 def content_problem(content: RecordDict, reference: RoundReference, *,
                     declared: int | None) -> str | None:
     """What is wrong with a reply's records, metrics and arrays, if anything."""
-    if (set(content.array_records) != {"arrays"}
-            or set(content.metric_records) != {"metrics", EVALUATION}):
-        return (f"expected one ArrayRecord 'arrays' and MetricRecords 'metrics' and "
-                f"'{EVALUATION}', got {_names(content.array_records)} and "
-                f"{_names(content.metric_records)}")
+    records = {"metrics", EVALUATION, *([PRIVACY] if reference.private else [])}
+    if set(content.array_records) != {"arrays"} or set(content.metric_records) != records:
+        return (f"expected one ArrayRecord 'arrays' and MetricRecords {_names(records)}, got "
+                f"{_names(content.array_records)} and {_names(content.metric_records)}")
+    if reference.private and (problem := privacy_problem(content.metric_records[PRIVACY])):
+        return f"its privacy record: {problem}"
     metrics = content.metric_records["metrics"]
     if problem := key_problem("metrics", got=set(metrics) - COST_METRICS, expected=TRAIN_METRICS):
         return problem
@@ -161,6 +164,19 @@ def content_problem(content: RecordDict, reference: RoundReference, *,
             return f"array '{key}' has shape {value.shape}, expected {expected.shape}"
         if not np.isfinite(value).all():
             return f"array '{key}' holds {'NaN' if np.isnan(value).any() else 'Inf'}"
+    return None
+
+
+def privacy_problem(spend) -> str | None:
+    """What is wrong with a site's privacy record (common/privacy.Ledger.metrics), if anything."""
+    if problem := key_problem(PRIVACY, got=set(spend), expected=set(PRIVACY_METRICS)):
+        return problem
+    for key in PRIVACY_METRICS:
+        value = spend[key]
+        if key == "budget" and isinstance(value, float) and math.isnan(value):
+            continue  # no budget: a noise multiplier was given instead
+        if not _finite_number(value) or float(value) < 0:
+            return f"{key} is {value!r}, not a finite number of 0 or more"
     return None
 
 

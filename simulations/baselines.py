@@ -65,14 +65,14 @@ def train_epochs(model: nn.Module, train: LabelledImages, val: LabelledImages, *
                                                        device=device)
                           for name, data in (("train", train), ("val", val))}
             loss = train_head(head, *cached["train"], config=budget, lr=schedule.lr,
-                              proximal_mu=0.0, device=device, seed=round_seed)
+                              proximal_mu=0.0, device=device, seed=round_seed).loss
             result = evaluate_features(head, *cached["val"], batch_size=config.train.batch_size,
                                        device=device)
         else:
             loss = train_local(model, train, config=budget, lr=schedule.lr, proximal_mu=0.0,
                                device=device, seed=round_seed,
                                transform=build_transform(model, config.data, train=True,
-                                                         seed=round_seed))
+                                                         seed=round_seed)).loss
             result = evaluate(model, val, transform=build_transform(model, config.data, train=False),
                               batch_size=config.train.batch_size, device=device)
         score = selection_score(loss=result["loss"], auc=result["auc"],

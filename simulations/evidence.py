@@ -96,7 +96,8 @@ def build_evidence(run_dir: Path, meta: dict) -> dict:
         "folds": meta["folds"],
         "train_fractions": meta["train_fractions"],
         "budget": _budget(config),
-        "model_card": _model_card(config, num_classes=len(classes)),
+        "model_card": {**_model_card(config, num_classes=len(classes)),
+                       "privacy": _privacy_guarantee(run_dir, meta)},
         "sites": sites,
         "attack": attack,
         "runs": runs,
@@ -243,6 +244,21 @@ def _budget(config) -> str:
             f"learning-rate reduction, early stopping and choice of model "
             f"({selection_rule(f.selection)}); scratch trains every layer from random weights; classical models "
             f"are fit once on the pooled training data")
+
+
+def _privacy_guarantee(run_dir: Path, meta: dict) -> str | None:
+    """The federated runs' differential-privacy guarantee in one sentence: the weakest of them
+    (the largest epsilon any site spent in any run)."""
+    guarantees = []
+    for run in meta["runs"]:
+        report = run_dir / run["dir"] / "federated" / "report.json"
+        if report.is_file():
+            privacy = json.loads(report.read_text()).get("privacy") or {}
+            spent = [s["epsilon"] for s in privacy.get("sites", {}).values()]
+            aggregate = (privacy.get("aggregate") or {}).get("epsilon")
+            weakest = max(spent + ([aggregate] if aggregate is not None else []), default=0.0)
+            guarantees.append((weakest, privacy.get("guarantee")))
+    return max(guarantees, key=lambda g: g[0])[1] if guarantees else None
 
 
 def _model_card(config, *, num_classes: int) -> dict:

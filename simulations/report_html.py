@@ -887,6 +887,7 @@ def _model_card_section(report: dict) -> list[Block]:
         ("Total parameters", None if total is None else _count_text(total) + share),
         ("Federated rounds", (config.get("federation") or {}).get("rounds")),
         ("Local epochs per round", (config.get("train") or {}).get("local_epochs")),
+        ("Differential privacy", card.get("privacy")),
     ]
     versions = card.get("versions") or {}
     blocks.append(Table(("Field", "Value"),

@@ -24,6 +24,7 @@ from medfed.common import messages
 from medfed.common.medmnist import data_dir, locate
 from medfed.common.medmnist_catalogue import DATASETS
 from medfed.common.model import check_model, native_input_size
+from medfed.common.privacy import site_plan
 from medfed.common.sources import Loaded, discover, load
 from medfed.common.splits import split_indices
 from medfed.server.app import make_server_app
@@ -60,6 +61,9 @@ def prepare(config: Config, *, fold: tuple[int, int] | None = None) -> Prepared:
     else:
         prepared = _prepare_medmnist(config, fold=fold)
     check_sites(config, sites=len(prepared.sites))
+    if config.privacy.dp == "sample":
+        for splits in prepared.sites.values():  # each site's DP plan, refused before any training
+            site_plan(config, examples=len(splits["train"]))
     prepared.sites = attacks.poison_labels(prepared.sites, config,
                                            num_classes=len(prepared.dataset["classes"]))
     return prepared

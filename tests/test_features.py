@@ -120,7 +120,7 @@ def test_train_head_changes_the_classifier_only_through_the_same_loop():
                                             cache_dir=None, device=CPU)
     loss = train_head(features.classifier(model), values, labels,
                       config=TrainConfig(local_steps=3, batch_size=4), lr=1e-2, proximal_mu=0.0,
-                      device=CPU, seed=0)
+                      device=CPU, seed=0).loss
     assert np.isfinite(loss)
     changed = {k for k, v in model.state_dict().items() if not torch.equal(v, before[k])}
     assert changed == {"classifier.weight", "classifier.bias"}

@@ -472,7 +472,7 @@ def tiny_strategy(name: str, *, sites: int, registry: dict[int, str] | None,
         stage_keys={HEAD: ["conv.weight"], FINETUNE: list(GLOBAL)},
         rounds=rounds,
         selection="loss",
-        round_config=round_config(config, classes=CLASSES),
+        round_config=round_config(config, classes=CLASSES, study="test"),
         expected_sites=[f"site-{i}" for i in range(sites)], min_sites=1, wait_s=0.0,
         norm_factor=config.federation.norm_factor, max_examples=MAX_EXAMPLES, registry=registry,
     )

@@ -140,7 +140,7 @@ def test_train_local_leaves_frozen_part_bit_identical(tiny_images):
     transform = build_transform(model, DataConfig(image_size=32), train=True, seed=0)
     config = TrainConfig(batch_size=len(tiny_images), local_epochs=1, device="cpu")
     loss = train_local(model, tiny_images, transform=transform, config=config, lr=1e-2,
-                       proximal_mu=0.0, device=torch.device("cpu"), seed=0)
+                       proximal_mu=0.0, device=torch.device("cpu"), seed=0).loss
     assert np.isfinite(loss) and loss > 0
 
     after = model.state_dict()

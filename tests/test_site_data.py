@@ -14,7 +14,7 @@ from medfed.common.messages import RoundConfig
 
 
 def test_node_config_names_the_site_and_its_folder(tmp_path):
-    received = RoundConfig(config_json=Config().to_json(), classes=("a", "b"), server_round=1,
+    received = RoundConfig(config_json=Config().to_json(), classes=("a", "b"), study="s", server_round=1,
                            lr=None, stage="head", proximal_mu=0.0, sites_dir=None, site_names=())
     name, path = locate_site({"site": "hospital-a", "data-path": str(tmp_path)}, received)
     assert (name, path) == ("hospital-a", Path(tmp_path))

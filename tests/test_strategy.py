@@ -52,7 +52,7 @@ def make_strategy(name: str, *, bn="avg", sites=3, min_sites=1, wait_s=0.0, regi
         stage_keys={s: wire.exchanged_keys(model, bn=bn, stage=s) for s in STAGES},
         rounds=rounds,
         selection="loss",
-        round_config=round_config(config, classes=["normal", "pneumonia"]),
+        round_config=round_config(config, classes=["normal", "pneumonia"], study="test"),
         expected_sites=[f"site-{i}" for i in range(sites)], min_sites=min_sites, wait_s=wait_s,
         norm_factor=config.federation.norm_factor, max_examples=config.federation.max_examples,
         registry=registry,
