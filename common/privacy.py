@@ -177,6 +177,11 @@ def make_private(module, optimizer, loader, *, plan: SitePlan, generator):
         raise MedfedError(
             f"DP-SGD cannot train this model's trainable part: {invalid[0]}; train the head only "
             f"(--freeze all) or freeze BatchNorm (--set model.bn=frozen)")
+    for layer in module.modules():
+        if getattr(layer, "inplace", False):
+            # Opacus' backward hooks see each layer's output; an in-place activation (timm's
+            # SiLU/ReLU) would overwrite it, which autograd forbids.
+            layer.inplace = False
     module, optimizer, loader = engine.make_private(
         module=module, optimizer=optimizer, data_loader=loader,
         noise_multiplier=plan.noise_multiplier, max_grad_norm=plan.max_grad_norm,

@@ -39,7 +39,7 @@ import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import (
-    Bulyan, DifferentialPrivacyServerSideFixedClipping, FedAdam, FedAvg, FedAvgM, FedMedian,
+    Bulyan, DifferentialPrivacyClientSideFixedClipping, FedAdam, FedAvg, FedAvgM, FedMedian,
     FedProx, FedTrimmedAvg, FedYogi, Krum, MultiKrum, Strategy,
 )
 from flwr.serverapp.strategy.dp_fixed_clipping import DifferentialPrivacyFixedClippingBase
@@ -90,8 +90,11 @@ def make_flower_strategy(config: Config, *, num_sites: int) -> Strategy:
     strategy = _base_strategy(config, sampling=sampling, num_sites=num_sites)
     p = config.privacy
     if p.dp == "client":
-        # Each site's update is clipped to `clip` and the mean noised with std z * clip / n.
-        return DifferentialPrivacyServerSideFixedClipping(
+        # Flower adds noise of std z * clip / n to the mean of the updates, which MedfedStrategy
+        # has clipped to `clip` (`clip_updates`): Flower 1.42's server-side clipping wrapper
+        # divides by each update's norm and so ends the run on a site that sends back the model
+        # unchanged (ZeroDivisionError).
+        return DifferentialPrivacyClientSideFixedClipping(
             strategy, noise_multiplier=p.noise_multiplier, clipping_norm=p.clip,
             num_sampled_clients=num_sites)
     return strategy
@@ -188,6 +191,18 @@ def aggregate_statistics(records: list[RecordDict], *, keys: set[str], strategy:
         else:
             result[key] = Array(np.asarray(trim_mean(stacked, strategy.beta)))
     return result
+
+
+def clip_update(content: RecordDict, *, sent: dict[str, np.ndarray], norm: float) -> None:
+    """Scale a reply's update (its arrays minus those sent) to an L2 norm of at most `norm`,
+    over all its arrays together, in place; an update of norm 0 stays as it is."""
+    arrays = content["arrays"]
+    update = {k: arrays[k].numpy().astype(np.float64) - sent[k] for k in arrays.keys()}
+    total = float(np.sqrt(sum(np.sum(u ** 2) for u in update.values())))
+    scale = min(1.0, norm / total) if total > 0 else 1.0
+    content["arrays"] = ArrayRecord({
+        k: Array(np.asarray(sent[k] + scale * u, dtype=arrays[k].numpy().dtype))
+        for k, u in update.items()})
 
 
 class RegisteredNodes:
@@ -412,6 +427,7 @@ class MedfedStrategy(Strategy):
         if self.dp == "client":
             self._account_client_dp(record, aggregated=len(valid))
             for reply in valid:
+                clip_update(reply.content, sent=self._global, norm=self.inner.clipping_norm)
                 # The noise is calibrated to an unweighted mean: one site, one vote.
                 reply.content[METRICS][WEIGHT_KEY] = 1
         parameters, metrics = self.inner.aggregate_train(server_round, valid)

@@ -27,7 +27,9 @@ import pytest
 import yaml
 from commands import MEDFED, TINY_WEIGHTS
 
-from medfed.common.dataset import load_splits, save_splits
+from medfed.common import messages
+from medfed.common.dataset import SPLITS, load_splits, save_splits
+from medfed.common.metrics import SCALARS
 from medfed.common.processes import FlowerCommandError, flwr_json, free_port
 from medfed.common.errors import MedfedError
 from medfed.server.certs import init_certs
@@ -53,6 +55,15 @@ STUDY = {
     "federation": {"rounds": 2, "round_timeout": 120},
 }
 RUN_LIMIT_S = 420
+# Every metric name a site may send: its training cost and loss, its evaluation (scalars,
+# confusion matrices, label histograms) and its privacy spend.
+SENDABLE_METRICS = {
+    messages.WEIGHT_KEY, messages.TRAIN_LOSS, messages.COMPUTE_SECONDS, messages.PEAK_MB,
+    *messages.PRIVACY_METRICS,
+    *(f"{split}-{name}" for split in messages.EVALUATED_SPLITS
+      for name in (*SCALARS, "loss", "confusion")),
+    *(f"{split}-histogram" for split in SPLITS),
+}
 PARTIAL_WAIT_S = 20
 
 
@@ -148,7 +159,9 @@ def deployments(tmp_path_factory, federation):
             "full": {
                 "run_dir": folder / "full", "port": full, "federation": federation,
                 "folder": folder,
-                "server": _server(start, federation, folder / "full", full, "--wait-sites", "180s"),
+                # With DP-SGD at the sites: what leaves a deployed site is checked with it on.
+                "server": _server(start, federation, folder / "full", full, "--wait-sites", "180s",
+                                  "--set", "privacy.dp=sample", "--set", "privacy.epsilon=8"),
                 "clients": [_client(start, federation, site, full) for site in SITES],
                 "intruder": _client(start, federation, "intruder", full, data="hospital-a",
                                     timeout=60),
@@ -202,6 +215,11 @@ def test_three_hospitals_train_over_tls_and_strangers_are_turned_away(deployment
     report = json.loads((run_dir / "report.json").read_text())
     assert sorted(report["sites"]) == SITES
     assert [r["round"] for r in report["rounds"]] == [1, 2]
+    # Each site's privacy spend, round by round, and the guarantee in one sentence.
+    spent = [report["rounds"][i]["privacy"] for i in (0, 1)]
+    assert all(set(r) == set(SITES) for r in spent)
+    assert all(0 < spent[0][s]["epsilon"] < spent[1][s]["epsilon"] <= 8.0 * 1.01 for s in SITES)
+    assert "training examples are protected by (epsilon = " in report["privacy"]["guarantee"]
     assert all(set(r["train"]) == set(SITES) for r in report["rounds"])
     assert (run_dir / "global_model.pt").is_file() and (run_dir / "checkpoint.pt").is_file()
     assert "final model from round" in server.out and "hospital-c" in server.out
@@ -216,6 +234,13 @@ def test_three_hospitals_train_over_tls_and_strangers_are_turned_away(deployment
         entries = [json.loads(line) for line in audit.read_text().splitlines()]
         trains = [e for e in entries if e["type"] == "train"]
         assert [e["round"] for e in trains] == [1, 2] and all(e["sent"]["bytes"] > 0 for e in trains)
+        # What left the site: the classifier and named aggregates, never anything else.
+        for entry in entries:
+            assert set(entry["sent"]["tensors"]) <= {"classifier.weight", "classifier.bias"}
+            assert set(entry["sent"]["metrics"]) <= SENDABLE_METRICS, entry["sent"]["metrics"]
+        assert all({"epsilon", "delta", "steps"} <= set(e["sent"]["metrics"]) for e in trains)
+        site = client.name.rsplit("-", 1)[0]  # "<site>-<port>"
+        assert list((d["federation"] / f"medfed-state-{site}" / "privacy").glob("*.json"))
         assert not any("refused" in e or "error" in e for e in entries)
         shown = subprocess.run([MEDFED, "status", str(audit)], capture_output=True, text=True,
                                timeout=60)
