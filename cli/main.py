@@ -79,7 +79,7 @@ def simulate(
     backbone: Optional[str] = typer.Option(None, help="timm model name."),
     weights: Optional[str] = typer.Option(None, help="imagenet, none, or a checkpoint path."),
     freeze: Optional[str] = typer.Option(None, help="Stages frozen after the stem; 0 = none, all = head only."),
-    bn: Optional[str] = typer.Option(None, help="BatchNorm policy: avg or local (FedBN)."),
+    bn: Optional[str] = typer.Option(None, help="BatchNorm policy: avg, local (FedBN) or frozen (for DP-SGD)."),
     strategy: Optional[str] = typer.Option(None, help="fedavg, fedprox, fedadam, fedyogi, fedavgm, fedmedian, fedtrimmedavg, krum, multikrum, bulyan."),
     mu: Optional[float] = typer.Option(None, help="FedProx proximal weight."),
     rounds: Optional[int] = typer.Option(None, help="Federated rounds."),
@@ -169,13 +169,20 @@ def bench(
     rounds: Optional[int] = typer.Option(None, help="Federated rounds (both recipes)."),
     lr: Optional[float] = typer.Option(None, help="Local learning rate of fine-tuning (both recipes)."),
     local_steps: Optional[int] = typer.Option(None, help="Optimizer steps per round (both recipes)."),
+    dp: Optional[str] = typer.Option(None, help="medfed's recipe with differential privacy: sample or client."),
+    epsilon: Optional[float] = typer.Option(None, help="--dp sample: each site's budget over the run."),
+    noise_multiplier: Optional[float] = typer.Option(None, help="--dp sample (instead of --epsilon) or client."),
+    clip: Optional[float] = typer.Option(None, help="--dp client: the updates' clipping norm."),
+    against: str = typer.Option("full-model", help="What medfed's recipe is compared with: "
+                                                   "full-model (FedAvg of every layer) or no-dp "
+                                                   "(the same recipe without --dp)."),
     seeds: str = typer.Option("0,1,2", help="Comma-separated seeds; each gets its own sites."),
     out: Path = typer.Option(..., help="Folder for both recipes' runs and bench.json (must not exist)."),
     set_: list[str] = typer.Option([], "--set", help="Override any config key: section.key=value."),
     verbose: bool = typer.Option(False, help="Show Flower's and Ray's own logs."),
 ) -> None:
-    """medfed's recipe against full-model FedAvg (every layer trained and sent) on the same sites
-    and seeds: AUC, bytes, time and memory side by side, with ratios."""
+    """medfed's recipe against full-model FedAvg (every layer trained and sent), or against itself
+    without DP, on the same sites and seeds: AUC, bytes, time and memory side by side, with ratios."""
     # --out is bench's own folder, not a run directory of the config.
     options = {k: v for k, v in locals().items() if k in OPTION_KEYS and k != "out" and v is not None}
     try:
@@ -190,8 +197,8 @@ def bench(
             resolved = resolve_config(config, options, set_)
             from medfed.simulations.bench import bench as run_bench, table
 
-            result = run_bench(resolved, seeds=seed_list, out=out, progress=progress,
-                               verbose=verbose)
+            result = run_bench(resolved, seeds=seed_list, out=out, against=against,
+                               progress=progress, verbose=verbose)
         except KeyboardInterrupt as exc:
             simulation_interrupted(getattr(exc, "kept", None))
         except MedfedError as exc:

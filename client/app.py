@@ -96,7 +96,8 @@ class _Site:
         plan = privacy.site_plan(self.config, examples=len(self.data["train"]))
         return privacy.Ledger(self.state_dir / "privacy", study=self.received.study, plan=plan)
 
-    def train(self, *, private: privacy.SitePlan | None) -> Trained:
+    def train(self, *, private: privacy.SitePlan | None) -> tuple[Trained, float]:
+        """The round's training, and the seconds its optimization steps took."""
         seed = (self.config.seed * 100_003 + self.received.server_round * 1_009
                 + zlib.crc32(self.name.encode()) % 1_000)
         common = dict(config=self.config.train, lr=self.received.lr,
@@ -104,12 +105,14 @@ class _Site:
                       private=private)
         if self.head:
             values, labels = self.features("train")
+            started = time.perf_counter()
             trained = train_head(features.classifier(self.model), values, labels, **common)
         else:
             transform = build_transform(self.model, self.config.data, train=True, seed=seed)
+            started = time.perf_counter()
             trained = train_local(self.model, self.data["train"], transform=transform, **common)
         self.model.cpu()
-        return trained
+        return trained, time.perf_counter() - started
 
     def reply(self, message: Message, **records) -> Message:
         return Message(content=RecordDict({**records, SITE: messages.site_record(self.name)}),
@@ -124,7 +127,7 @@ def train(message: Message, context: Context) -> Message:
     ledger = site.ledger()
     if ledger is not None:
         ledger.check(site=site.name)
-    trained = site.train(private=None if ledger is None else ledger.plan)
+    trained, train_seconds = site.train(private=None if ledger is None else ledger.plan)
     spend = {}
     if ledger is not None:
         ledger.record(trained.releases)
@@ -136,7 +139,7 @@ def train(message: Message, context: Context) -> Message:
         ARRAYS: wire.to_record(site.model, site.keys),
         METRICS: messages.train_metrics(
             num_examples=len(site.data["train"]), loss=trained.loss,
-            seconds=time.perf_counter() - started,
+            seconds=time.perf_counter() - started, train_seconds=train_seconds,
             peak_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
         EVALUATION: evaluation,
         **spend,

@@ -39,7 +39,7 @@ PRIVACY_METRICS = ("epsilon", "delta", "noise-multiplier", "max-grad-norm", "sam
                    "budget")
 WEIGHT_KEY = "num-examples"          # Flower's FedAvg weighs replies by this metric
 TRAIN_LOSS = "train-loss"
-COMPUTE_SECONDS, PEAK_MB = "compute-s", "peak-mb"
+COMPUTE_SECONDS, TRAIN_SECONDS, PEAK_MB = "compute-s", "train-s", "peak-mb"
 EVALUATED_SPLITS = ("val", "test")
 LOCAL_STATE = "medfed-local-state"   # Context.state key; never on the wire
 
@@ -122,12 +122,13 @@ def declared_name(reply: Message) -> str | None:
     return None
 
 
-def train_metrics(*, num_examples: int, loss: float, seconds: float, peak_mb: float
-                  ) -> MetricRecord:
+def train_metrics(*, num_examples: int, loss: float, seconds: float, train_seconds: float,
+                  peak_mb: float) -> MetricRecord:
     """A training reply's metrics: its examples and loss, and what the message cost the site
-    (wall seconds from receiving it to replying, the process's peak resident memory)."""
+    (wall seconds from receiving it to replying, of which the optimization steps alone took
+    `train_seconds`; the process's peak resident memory)."""
     return MetricRecord({WEIGHT_KEY: num_examples, TRAIN_LOSS: loss, COMPUTE_SECONDS: seconds,
-                         PEAK_MB: peak_mb})
+                         TRAIN_SECONDS: train_seconds, PEAK_MB: peak_mb})
 
 
 def privacy_metrics(spend: dict[str, float]) -> MetricRecord:

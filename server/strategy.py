@@ -49,8 +49,8 @@ from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords
 from medfed.common import messages
 from medfed.common.config import BYZANTINE_MINIMUM, Config, check_sites
 from medfed.common.messages import (
-    COMPUTE_SECONDS, EVALUATION, METRICS, PEAK_MB, PRIVACY, TRAIN_LOSS, WEIGHT_KEY, clean,
-    declared_name,
+    COMPUTE_SECONDS, EVALUATION, METRICS, PEAK_MB, PRIVACY, TRAIN_LOSS, TRAIN_SECONDS, WEIGHT_KEY,
+    clean, declared_name,
 )
 from medfed.common.privacy import client_epsilon
 from medfed.common.wire import record_bytes
@@ -389,7 +389,8 @@ class MedfedStrategy(Strategy):
             metrics = reply.content["metrics"]
             record.train[name] = {"loss": float(metrics[TRAIN_LOSS]), "n": int(metrics[WEIGHT_KEY]),
                                   **{key.replace("-", "_"): float(metrics[key])
-                                     for key in (COMPUTE_SECONDS, PEAK_MB) if key in metrics}}
+                                     for key in (COMPUTE_SECONDS, TRAIN_SECONDS, PEAK_MB)
+                                     if key in metrics}}
             record.bytes_up[name] = record_bytes(reply.content["arrays"])
             record.bytes_down[name] = self._sent.get(reply.metadata.src_node_id, 0)
             # The site's evaluation of the model it received: the global model after the last round.

@@ -20,13 +20,13 @@ from flwr.app import ArrayRecord, Message, RecordDict
 from medfed.common.dataset import SPLITS
 from medfed.common.messages import (
     COMPUTE_SECONDS, EVALUATED_SPLITS, EVALUATION, PEAK_MB, PRIVACY, PRIVACY_METRICS, TRAIN_LOSS,
-    WEIGHT_KEY, declared_name,
+    TRAIN_SECONDS, WEIGHT_KEY, declared_name,
 )
 from medfed.common.metrics import SCALARS
 
 TRAIN_METRICS = frozenset({WEIGHT_KEY, TRAIN_LOSS})
 # What the round cost the site, reported when measured (common/messages.train_metrics).
-COST_METRICS = frozenset({COMPUTE_SECONDS, PEAK_MB})
+COST_METRICS = frozenset({COMPUTE_SECONDS, TRAIN_SECONDS, PEAK_MB})
 # An evaluation reply's one MetricRecord, as sites send it (common/messages.evaluation_metrics):
 # Flower averages it across sites (and ends the run when the replies' keys differ), the report
 # reads its confusion matrices and histograms back (messages.split_metrics, label_histograms).
