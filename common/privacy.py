@@ -112,20 +112,18 @@ class BudgetSpent(MedfedError):
 
 
 class Ledger:
-    """What one site has spent in one study: a file in the site's own state directory."""
+    """What one site has spent in one study: a file in the site's own state directory.
+
+    It holds every release as it happened, (noise multiplier, sample rate, steps), so a study
+    resumed under other settings (more rounds, another budget) is accounted over its whole
+    history, and the budget check holds whatever changed."""
 
     def __init__(self, folder: Path, *, study: str, plan: SitePlan) -> None:
         self.file = folder / f"privacy-{study}.json"
         self.plan = plan
         self.history: list[list] = []
         if self.file.is_file():
-            saved = json.loads(self.file.read_text())
-            if saved["plan"] != asdict(plan):
-                raise MedfedError(
-                    f"{self.file} holds this study's privacy spend under other DP settings; a "
-                    f"study keeps its settings from start to resume (move the file away only if "
-                    f"this really is another study)")
-            self.history = saved["history"]
+            self.history = json.loads(self.file.read_text())["history"]
 
     @property
     def steps(self) -> int:

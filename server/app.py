@@ -75,7 +75,7 @@ def run_server(
     transform = build_transform(model, config.data, train=False)
     stages = Stages.of_config(config)
     round_config = messages.round_config(config, classes=list(dataset["classes"]),
-                                         study=messages.study_id(config, run_dir),
+                                         study=messages.study_id(run_dir),
                                          simulated=simulated_sites)
 
     cached: list = []  # the global test set's frozen features, computed at the first head round

@@ -10,7 +10,7 @@ import torch
 from commands import medfed
 
 from medfed.common import features, wire
-from medfed.common.config import Config, TrainConfig, validate
+from medfed.common.config import Config, TrainConfig, set_value, validate
 from medfed.common.dataset import LabelledImages, TransformedImages
 from medfed.common.errors import MedfedError
 from medfed.common.model import build_model
@@ -149,8 +149,7 @@ def test_local_steps_take_exactly_that_many_optimizer_steps(tiny_images, steps):
 def test_bad_stage_settings_are_refused_before_training(assignments, fragment):
     config = Config()
     for key, value in assignments.items():
-        section, name = key.split(".")
-        setattr(getattr(config, section), name, value)
+        set_value(config, key, value)
     with pytest.raises(MedfedError, match=fragment):
         validate(config)
 

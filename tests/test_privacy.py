@@ -19,7 +19,7 @@ from opacus.accountants import RDPAccountant
 
 from medfed.client.app import app as client_app
 from medfed.common import messages, privacy, wire
-from medfed.common.config import Config, validate
+from medfed.common.config import Config, set_value, validate
 from medfed.common.dataset import load_splits, save_splits
 from medfed.common.errors import MedfedError
 from medfed.common.model import build_model
@@ -133,8 +133,7 @@ def test_a_noise_multiplier_too_small_for_the_budget_is_refused_with_what_would_
 def test_bad_privacy_settings_are_refused_before_anything_runs(settings, message):
     config = Config()
     for key, value in settings.items():
-        section, name = key.split(".")
-        setattr(getattr(config, section), name, value)
+        set_value(config, key, value)
     with pytest.raises(MedfedError, match=message):
         validate(config)
 
@@ -189,11 +188,25 @@ def test_a_site_past_its_budget_refuses_to_train_and_says_so(site_file, tmp_path
     assert json.loads((tmp_path / "privacy" / "privacy-study-1.json").read_text()) == spent
 
 
-def test_a_ledger_under_other_settings_is_not_silently_reused(site_file, tmp_path):
-    _reply(_config(dp="sample", epsilon=8.0), site_file, tmp_path, server_round=1)
-    with pytest.raises(MedfedError, match="other DP settings"):
-        client_app(_message(_config(dp="sample", epsilon=3.0), server_round=2),
+def test_a_study_resumed_under_other_settings_is_accounted_over_its_whole_history(
+        site_file, tmp_path):
+    generous = _config(dp="sample", epsilon=8.0)
+    first = _reply(generous, site_file, tmp_path, server_round=1)
+    spent = first.content[messages.PRIVACY]["epsilon"]
+    # Resumed with a smaller budget than already spent: refused at once, nothing added.
+    with pytest.raises(privacy.BudgetSpent, match="privacy budget spent"):
+        client_app(_message(_config(dp="sample", epsilon=spent / 2), server_round=2),
                    _context(site_file, tmp_path))
+    # Resumed with more rounds (so less noise per step for the same budget): both kinds of step
+    # are in the ledger, and epsilon is Opacus' over all of them.
+    longer = _config(dp="sample", epsilon=8.0)
+    longer.federation.rounds = 6
+    second = _reply(longer, site_file, tmp_path, server_round=2)
+    plans = [privacy.site_plan(c, examples=60) for c in (generous, longer)]
+    history = [(p.noise_multiplier, p.sample_rate, 4) for p in plans]
+    assert plans[0].noise_multiplier != plans[1].noise_multiplier
+    assert second.content[messages.PRIVACY]["epsilon"] == pytest.approx(
+        privacy.epsilon_of(history, delta=plans[0].delta), rel=1e-9)
 
 
 # --- what leaves a site --------------------------------------------------------------------------
