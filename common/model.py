@@ -78,10 +78,19 @@ def build_model(config: ModelConfig, *, num_classes: int, seed: int) -> nn.Modul
     return model
 
 
-def check_model(config: ModelConfig, *, num_classes: int, image_size: int, seed: int) -> None:
+def check_model(config: ModelConfig, *, num_classes: int, image_size: int, seed: int,
+                dp: str) -> None:
     """Build the model once and run one input through it: catches a bad name, weights, --freeze
-    or too-small input before any run directory exists or any site is contacted."""
+    or too-small input, and trainable BatchNorm statistics that client-level DP (`dp`) could not
+    protect, before any run directory exists or any site is contacted."""
     model = build_model(config, num_classes=num_classes, seed=seed).eval()
+    if dp == "client" and config.bn == "avg" and any(
+            isinstance(m, _NormBase) and any(p.requires_grad for p in m.parameters())
+            for m in model.modules()):
+        raise MedfedError(
+            "--dp client cannot protect BatchNorm statistics (they are averaged, not clipped or "
+            "noised); add --set model.bn=frozen or --set model.bn=local, or train the head only "
+            "(--freeze all)")
     try:
         with torch.no_grad():
             model(torch.zeros(1, 3, image_size, image_size))

@@ -64,11 +64,6 @@ def run_server(
     model = build_model(config.model, num_classes=num_classes, seed=config.seed)
     stage_keys = {s: wire.exchanged_keys(model, bn=config.model.bn, stage=s) for s in STAGES}
     keys = stage_keys[FINETUNE]  # every key any stage trains: the global model's arrays
-    if config.privacy.dp == "client" and wire.statistic_keys(keys):
-        raise MedfedError(
-            "--dp client cannot protect BatchNorm statistics (they are averaged, not clipped or "
-            "noised); add --set model.bn=frozen or --set model.bn=local, or train the head only "
-            "(--freeze all)")
     initial = wire.to_record(model, keys)
     trainable, total = count_parameters(model)
     device = pick_device(config.train.device)

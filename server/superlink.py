@@ -103,7 +103,7 @@ def prepare(*, config_file: Path | None, assignments: list[str], certs: Path | N
         # fixed here so the server and every site resize the same way.
         config.data.image_size = native_input_size(config.model.backbone)
     check_model(config.model, num_classes=len(classes), image_size=config.data.image_size,
-                seed=config.seed)
+                seed=config.seed, dp=config.privacy.dp)
     if resume is None:
         run_dir = out or Path(config.out or f"runs/study-{time.strftime('%Y%m%d-%H%M%S')}")
         if run_dir.exists() and not run_dir.is_dir():

@@ -80,7 +80,7 @@ def _prepare_medmnist(config: Config, *, fold: tuple[int, int] | None) -> Prepar
     if set(official) != {"train", "val", "test"}:
         raise MedfedError(f"{path} lacks one of the official train/val/test splits")
     check_model(config.model, num_classes=len(classes), image_size=config.data.image_size,
-                seed=config.seed)
+                seed=config.seed, dp=config.privacy.dp)
     pool = LabelledImages.pooled([official["train"], official["val"]])
     sites = _split_sites(config, pool, parts=_partition(config, pool.labels), patients=None, fold=fold)
     dataset = {
@@ -104,7 +104,7 @@ def _prepare_collection(config: Config, *, fold: tuple[int, int] | None) -> Prep
     kind, loaded = _decoded(config.data.path, image_size=config.data.image_size,
                             frame=config.data.frame, skip_bad=config.data.skip_bad)
     check_model(config.model, num_classes=len(loaded.classes), image_size=config.data.image_size,
-                seed=config.seed)
+                seed=config.seed, dp=config.privacy.dp)
     present = np.unique(loaded.images.labels)
     if len(present) < 2:
         raise MedfedError(

@@ -22,7 +22,7 @@ from medfed.common import messages, privacy, wire
 from medfed.common.config import Config, set_value, validate
 from medfed.common.dataset import load_splits, save_splits
 from medfed.common.errors import MedfedError
-from medfed.common.model import build_model
+from medfed.common.model import build_model, check_model
 from medfed.common.schedule import FINETUNE, HEAD, PlateauSchedule, Stages
 from medfed.server.strategy import MedfedStrategy, make_flower_strategy
 from tests.commands import TINY_WEIGHTS
@@ -146,6 +146,16 @@ def test_dp_sgd_fine_tunes_with_batchnorm_frozen():
     assert not [n for n, m in model.named_modules() if "BatchNorm" in type(m).__name__
                 and not type(m).__name__.startswith("Frozen")]
     assert not wire.statistic_keys(wire.exchanged_keys(model, bn="frozen"))
+
+
+def test_client_level_dp_refuses_batchnorm_statistics_on_the_wire():
+    config = _config(dp="client", noise_multiplier=1.0)
+    config.model.freeze = "1"
+    with pytest.raises(MedfedError, match="cannot protect BatchNorm statistics"):
+        check_model(config.model, num_classes=2, image_size=32, seed=0, dp="client")
+    for bn in ("local", "frozen"):
+        config.model.bn = bn
+        check_model(config.model, num_classes=2, image_size=32, seed=0, dp="client")
 
 
 # --- the site's ledger over the whole run --------------------------------------------------------
