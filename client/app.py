@@ -43,6 +43,12 @@ def _template(config_json: str, num_classes: int):
     return model, {s: wire.exchanged_keys(model, bn=config.model.bn, stage=s) for s in STAGES}
 
 
+@functools.lru_cache(maxsize=8)
+def _privacy_plan(config_json: str, examples: int) -> privacy.SitePlan:
+    """A site's DP-SGD plan (fixed per run; finding the noise takes most of a second)."""
+    return privacy.site_plan(Config.from_json(config_json), examples=examples)
+
+
 class _Site:
     """One message's view of the site: its config, data, and the global model it received."""
 
@@ -93,7 +99,7 @@ class _Site:
         """The site's privacy spend in this study, with DP-SGD."""
         if self.config.privacy.dp != "sample":
             return None
-        plan = privacy.site_plan(self.config, examples=len(self.data["train"]))
+        plan = _privacy_plan(self.received.config_json, len(self.data["train"]))
         return privacy.Ledger(self.state_dir / "privacy", study=self.received.study, plan=plan)
 
     def train(self, *, private: privacy.SitePlan | None) -> tuple[Trained, float]:
