@@ -231,6 +231,10 @@ class EvidenceConfig:
     bootstrap: int = 1000
     # Grad-CAM overlays per site and class (the most confident right and wrong answers).
     gradcam_per_class: int = 2
+    # A test split with fewer images than this of some class has no estimable AUC, sensitivity,
+    # specificity, precision, F1 or balanced accuracy (shown as "not estimable (1 malignant
+    # image)", left out of paired tests), rather than a number with a meaningless interval.
+    min_per_class: int = 5
 
 
 @dataclass
@@ -495,6 +499,7 @@ def validate(config: Config) -> Config:
     _check(e.folds == 0 or e.folds >= 2, "evidence.folds", e.folds, "0 (off) or 2 or more")
     _check(e.bootstrap >= 100, "evidence.bootstrap", e.bootstrap, "100 or more resamples")
     _check(e.gradcam_per_class >= 0, "evidence.gradcam_per_class", e.gradcam_per_class, "0 or more")
+    _check(e.min_per_class >= 1, "evidence.min_per_class", e.min_per_class, "1 or more images")
     _check(0 <= config.seed <= MAX_SEED, "seed", config.seed, f"0 to {MAX_SEED}")
     modes, seeds, fractions = comparison_plan(config)
     _check(bool(modes) and all(m in MODES for m in modes) and len(set(modes)) == len(modes),

@@ -15,6 +15,19 @@ from sklearn import metrics as skm
 SCALARS = (
     "accuracy", "balanced_accuracy", "precision", "recall", "specificity", "f1", "auc",
 )
+# The metrics that rest on every class being there in numbers (all but accuracy).
+PER_CLASS_SCALARS = SCALARS[1:]
+
+
+def scarce_class(y_true: np.ndarray, classes: list[str], *, minimum: int) -> str | None:
+    """Why per-class metrics cannot be estimated on these labels, e.g. "not estimable (1
+    malignant image)": the rarest class has fewer than `minimum` images; None when they can."""
+    counts = np.bincount(np.asarray(y_true, dtype=np.int64), minlength=len(classes))
+    rarest = int(np.argmin(counts))
+    if counts[rarest] >= minimum:
+        return None
+    count = int(counts[rarest])
+    return f"not estimable ({count} {classes[rarest]} image{'' if count == 1 else 's'})"
 
 
 def classification_metrics(y_true: np.ndarray, probs: np.ndarray) -> dict:

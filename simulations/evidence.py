@@ -22,7 +22,9 @@ from medfed.common.config import from_dict
 from medfed.common.dataset import load_splits
 from medfed.common.errors import MedfedError
 from medfed.common.files import write_atomic, write_json
-from medfed.common.metrics import SCALARS, classification_metrics
+from medfed.common.metrics import (
+    PER_CLASS_SCALARS, SCALARS, classification_metrics, scarce_class,
+)
 from medfed.common.schedule import Stages, selection_rule
 from medfed.common.model import OFFLINE_IMAGENET, build_model, count_parameters, load_saved_model
 from medfed.common.transforms import build_transform
@@ -72,7 +74,8 @@ def build_evidence(run_dir: Path, meta: dict) -> dict:
         except (OSError, ValueError) as exc:
             raise MedfedError(f"{run_dir / run['dir']}: predictions.npz is unreadable ({exc})") from None
         loaded.append(predictions)
-        judge = _Judge(predictions, sites=list(run["sites"]), binary=len(classes) == 2,
+        judge = _Judge(predictions, sites=list(run["sites"]), classes=list(classes),
+                       min_per_class=config.evidence.min_per_class,
                        resamples=config.evidence.bootstrap, seed=run["seed"], with_roc=number == 0)
         runs.append({
             "seed": run["seed"], "fold": run["fold"], "fraction": run["fraction"], "dir": run["dir"],
@@ -114,9 +117,10 @@ def build_evidence(run_dir: Path, meta: dict) -> dict:
 class _Judge:
     """Metrics, intervals and operating points of one run's saved predictions."""
 
-    def __init__(self, predictions: dict, *, sites: list[str], binary: bool, resamples: int,
-                 seed: int, with_roc: bool) -> None:
-        self.predictions, self.sites, self.binary = predictions, sites, binary
+    def __init__(self, predictions: dict, *, sites: list[str], classes: list[str],
+                 min_per_class: int, resamples: int, seed: int, with_roc: bool) -> None:
+        self.predictions, self.sites, self.classes = predictions, sites, classes
+        self.binary, self.min_per_class = len(classes) == 2, min_per_class
         self.resamples, self.seed, self.with_roc = resamples, seed, with_roc
 
     def mode(self, mode: str) -> dict:
@@ -139,8 +143,14 @@ class _Judge:
             "ci": {k: (None if v is None else list(v)) for k, v in ci.items()},
             "operating_points": None,
             "roc": None,
+            "not_estimable": scarce_class(y, self.classes, minimum=self.min_per_class),
         }
-        if not self.binary:
+        if result["not_estimable"]:
+            # A handful of images of one class gives a number and an interval that mean nothing
+            # (one malignant image ranked first is "AUC 1.000 (1.000-1.000)").
+            for name in PER_CLASS_SCALARS:
+                result["metrics"][name] = result["ci"][name] = None
+        if not self.binary or result["not_estimable"]:
             return result
         val_y = np.concatenate([self.predictions[f"{prefix}|{v}|y"] for v in val])
         val_p = np.concatenate([self.predictions[f"{prefix}|{v}|p"] for v in val])

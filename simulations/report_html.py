@@ -31,7 +31,7 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
 from medfed.common.dataset import SPLITS
-from medfed.common.metrics import MISSING, format_number
+from medfed.common.metrics import MISSING, PER_CLASS_SCALARS, format_number
 from medfed.common.metrics import SCALARS as METRICS
 from medfed.simulations.statistics import format_p, mean_std
 
@@ -179,6 +179,10 @@ def _with_ci(value: float | None, ci: Sequence[float | None] | None) -> str:
         return MISSING
     if not ci or ci[0] is None or ci[1] is None:
         return format_number(value)
+    if ci[0] == ci[1]:
+        # Every bootstrap resample agreed (e.g. all 9 images right): the percentile interval has
+        # no width, which says nothing about certainty.
+        return f"{format_number(value)} (interval not estimable)"
     return f"{format_number(value)} ({format_number(ci[0])}–{format_number(ci[1])})"
 
 
@@ -438,7 +442,8 @@ def _detail_section(report: dict) -> list[Block]:
         f"{classes[1] if len(classes) == 2 else 'each class in turn'}). Sensitivity (recall): "
         "share of truly positive images found. Specificity: share of truly negative images "
         "called negative. F1: balance of precision and sensitivity. AUC: how well the scores "
-        "rank positive above negative images (0.5 is chance, 1.0 is perfect)." + averaged)]
+        "rank positive above negative images (0.5 is chance, 1.0 is perfect)." + averaged
+        + _estimable_rule(report))]
     for site in [*_sites(report), GLOBAL]:
         found = _results_at(run, modes, site)
         if found:
@@ -446,10 +451,20 @@ def _detail_section(report: dict) -> list[Block]:
     return blocks
 
 
+def _estimable_rule(report: dict) -> str:
+    minimum = ((report.get("config") or {}).get("evidence") or {}).get("min_per_class")
+    if minimum is None:
+        return ""
+    return (f" Where a test split holds fewer than {minimum} images of a class, every metric but "
+            f"accuracy is shown as not estimable (and left out of the paired tests) instead of a "
+            f"number whose interval would mean nothing.")
+
+
 def _site_detail(site: str, found: list[tuple[str, dict]], *, report: dict) -> list[Block]:
     heading = "Global test set" if site == GLOBAL else f"Site {_site_label(report, site)}"
     rows = tuple(
-        (label, *(_with_ci((result.get("metrics") or {}).get(m), (result.get("ci") or {}).get(m))
+        (label, *(result["not_estimable"] if result.get("not_estimable") and m in PER_CLASS_SCALARS
+                  else _with_ci((result.get("metrics") or {}).get(m), (result.get("ci") or {}).get(m))
                   for m in METRICS), str((result.get("metrics") or {}).get("n", MISSING)))
         for label, result in found)
     blocks: list[Block] = [

@@ -233,7 +233,8 @@ def paired_comparison(
     nonzero = difference[difference != 0]
     notes = []
     if n < len(keep):
-        notes.append(f"{len(keep) - n} of {len(keep)} pairs dropped for a missing value")
+        notes.append(f"{len(keep) - n} of {len(keep)} pairs dropped for a missing or "
+                     f"not-estimable value")
 
     wilcoxon_p = ttest_p = cohens_dz = rank_biserial = None
     if n < 2:

@@ -8,7 +8,7 @@ import math
 import numpy as np
 import pytest
 
-from medfed.common.metrics import SCALARS, classification_metrics
+from medfed.common.metrics import SCALARS, classification_metrics, scarce_class
 
 
 def _pairwise_auc(positive_scores, negative_scores) -> float:
@@ -167,3 +167,14 @@ def _assert_macro(result, y, probs, *, precision, recall, specificity, f1):
     expected_auc = np.mean([_pairwise_auc(probs[y == c, c], probs[y != c, c])
                             for c in range(probs.shape[1])])
     assert result["auc"] == pytest.approx(expected_auc)
+
+
+def test_a_class_with_too_few_images_makes_per_class_metrics_not_estimable():
+    classes = ["malignant", "normal, benign"]
+    assert scarce_class(np.array([1] * 8 + [0]), classes, minimum=5) == \
+        "not estimable (1 malignant image)"
+    assert scarce_class(np.array([1] * 8), classes, minimum=5) == \
+        "not estimable (0 malignant images)"
+    assert scarce_class(np.array([0] * 5 + [1] * 5), classes, minimum=5) is None
+    assert scarce_class(np.array([0] * 4 + [1] * 50), classes, minimum=5) == \
+        "not estimable (4 malignant images)"

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from medfed.simulations.evidence import _Judge
 from medfed.simulations.report_html import figures, render_html, render_markdown
 
 SITES = ("north", "south<script>alert(1)</script>")
@@ -220,3 +221,26 @@ def test_empty_report_renders(tmp_path):
     assert render_markdown({}).startswith("# medfed comparison report: unnamed dataset")
     assert render_html({}, run_dir=tmp_path).startswith("<!DOCTYPE html>")
     assert figures({}) == {}
+
+
+def test_a_site_with_one_image_of_a_class_shows_not_estimable_never_a_zero_width_interval(
+        report, run_dir):
+    # One "normal" image among nine, ranked perfectly: AUC would be 1.000 (1.000-1.000).
+    y = np.array([0] + [1] * 8)
+    probs = np.column_stack([1 - np.r_[0.05, np.linspace(0.6, 0.95, 8)],
+                             np.r_[0.05, np.linspace(0.6, 0.95, 8)]])
+    predictions = {"federated|global|north/test|y": y, "federated|global|north/test|p": probs,
+                   "federated|global|north/val|y": y, "federated|global|north/val|p": probs}
+    judge = _Judge(predictions, sites=["north"], classes=list(CLASSES), min_per_class=5,
+                   resamples=200, seed=0, with_roc=True)
+    result = judge.result("federated|global", "north/test", val=["north/val"])
+    assert result["not_estimable"] == "not estimable (1 normal image)"
+    assert result["metrics"]["auc"] is None and result["ci"]["auc"] is None
+    assert result["metrics"]["accuracy"] == 1.0  # accuracy needs no class to be common
+    changed = copy.deepcopy(report)
+    changed["runs"][0]["modes"]["federated"]["results"]["north"] = result
+    markdown = render_markdown(changed)
+    assert "not estimable (1 normal image)" in markdown
+    assert "1.000 (1.000–1.000)" not in markdown
+    assert "| federated | 1.000 (interval not estimable) | not estimable (1 normal image) |" in markdown
+    assert "not estimable (1 normal image)" in render_html(changed, run_dir=run_dir)
