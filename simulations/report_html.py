@@ -71,6 +71,8 @@ figure{margin:.8rem 0}figure img{max-width:100%;height:auto}
 figcaption{font-size:.85rem;color:#444}ul{padding-left:1.3rem}
 .gallery{display:grid;grid-template-columns:repeat(auto-fill,minmax(190px,1fr));gap:.8rem}
 .gallery figure{margin:0}.note{color:#6a4b00;font-size:.85rem}
+details{margin:.5rem 0;border:1px solid #d0d7de;border-radius:4px;padding:.3rem .6rem}
+summary{cursor:pointer;font-weight:600}
 """
 
 
@@ -120,7 +122,14 @@ class Gallery:
     pictures: tuple[Picture, ...]
 
 
-Block = Heading | Paragraph | Items | Table | Plot | Gallery
+@dataclass(frozen=True)
+class Folded:
+    """Detail a reader opens when they want it (HTML `<details>`); Markdown shows it all."""
+    summary: str
+    blocks: tuple
+
+
+Block = Heading | Paragraph | Items | Table | Plot | Gallery | Folded
 
 
 # --- public API ----------------------------------------------------------------------------------
@@ -468,7 +477,6 @@ def _site_detail(site: str, found: list[tuple[str, dict]], *, report: dict) -> l
                   for m in METRICS), str((result.get("metrics") or {}).get("n", MISSING)))
         for label, result in found)
     blocks: list[Block] = [
-        Heading(3, heading),
         Table(("Model", *(METRIC_HEADERS[m] for m in METRICS), "Images"), rows,
               f"Test metrics on {_where(site)} with 95% confidence intervals"),
     ]
@@ -476,7 +484,11 @@ def _site_detail(site: str, found: list[tuple[str, dict]], *, report: dict) -> l
     if operating:
         blocks.append(operating)
     confusion = _confusion_plot(site, found, classes=_classes(report))
-    return blocks + ([confusion] if confusion else [])
+    blocks += [confusion] if confusion else []
+    if site == GLOBAL:
+        return [Heading(3, heading), *blocks]
+    return [Folded(f"{heading}: test metrics, operating points and confusion matrices",
+                   (Heading(3, heading), *blocks))]
 
 
 def _operating_table(found: list[tuple[str, dict]], *, site: str) -> Table | None:
@@ -766,7 +778,9 @@ def _sites_section(report: dict) -> list[Block]:
                          *(str(c) for c in counts + [MISSING] * (width - len(counts)))))
     return [*blocks, Plot("label-histograms", "Images per class, site and split",
                           _histogram_drawer(sites, names)),
-            Table(("Site", "Split", "Images", *names), tuple(rows), "Images per site and split")]
+            Folded("Images per site and split, as a table",
+                   (Table(("Site", "Split", "Images", *names), tuple(rows),
+                          "Images per site and split"),))]
 
 
 def _histogram_drawer(sites: dict[str, dict], names: list[str]) -> Callable[[], Figure]:
@@ -902,15 +916,18 @@ def _model_card_section(report: dict) -> list[Block]:
         ("Total parameters", None if total is None else _count_text(total) + share),
         ("Federated rounds", (config.get("federation") or {}).get("rounds")),
         ("Local epochs per round", (config.get("train") or {}).get("local_epochs")),
-        ("Differential privacy", card.get("privacy")),
     ]
     versions = card.get("versions") or {}
-    blocks.append(Table(("Field", "Value"),
-                        tuple((k, MISSING if v is None else str(v)) for k, v in rows)))
+    card_tables = [Table(("Field", "Value"),
+                         tuple((k, MISSING if v is None else str(v)) for k, v in rows))]
     if versions:
-        blocks.append(Table(("Package", "Version"),
-                            tuple((k, str(v)) for k, v in versions.items()), "Software versions"))
-    return blocks
+        card_tables.append(Table(("Package", "Version"),
+                                 tuple((k, str(v)) for k, v in versions.items()),
+                                 "Software versions"))
+    if card.get("privacy"):
+        blocks.append(Paragraph(card["privacy"]))
+    return [*blocks, Folded("The model, its inputs and the software that trained it",
+                            tuple(card_tables))]
 
 
 def _triple(values: Sequence[float] | None) -> str | None:
@@ -953,6 +970,9 @@ def _html_block(block: Block, *, run_dir: Path) -> str:
         return _html_table(block)
     if isinstance(block, Plot):
         return _html_figure(_png(block.draw), block.caption)
+    if isinstance(block, Folded):
+        inner = "\n".join(_html_block(b, run_dir=run_dir) for b in block.blocks)
+        return f"<details><summary>{escape(block.summary)}</summary>\n{inner}\n</details>"
     return _html_gallery(block, run_dir=run_dir)
 
 
@@ -1021,6 +1041,8 @@ def _markdown_block(block: Block) -> str:
     if isinstance(block, Plot):
         note = f"*Plot: {_md_text(block.caption)} (shown in report.html).*"
         return "\n\n".join([note, *(_markdown_table(t) for t in block.fallback)])
+    if isinstance(block, Folded):
+        return "\n\n".join(_markdown_block(b) for b in block.blocks)
     lines = [f"**{_md_text(block.title)}**", ""]
     lines += [f"- {_md_text(p.caption)} (image file {_md_text(p.file)})" for p in block.pictures]
     return "\n".join(lines)

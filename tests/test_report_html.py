@@ -244,3 +244,26 @@ def test_a_site_with_one_image_of_a_class_shows_not_estimable_never_a_zero_width
     assert "1.000 (1.000–1.000)" not in markdown
     assert "| federated | 1.000 (interval not estimable) | not estimable (1 normal image) |" in markdown
     assert "not estimable (1 normal image)" in render_html(changed, run_dir=run_dir)
+
+
+def test_long_detail_is_folded_and_the_answer_is_not(page, report):
+    folded = re.findall(r"<details><summary>([^<]*)</summary>", page)
+    # Each site's detail, the per-site table of images and the model card fold; the global
+    # test set's results stay open.
+    assert len([s for s in folded if s.startswith("Site ")]) == len(SITES)
+    assert "Images per site and split, as a table" in folded
+    assert "The model, its inputs and the software that trained it" in folded
+    assert not any(s.startswith("Global test set") for s in folded)
+    assert page.count("<details>") == page.count("</details>") == len(folded)
+    # Markdown has no folds: the same tables in full.
+    markdown = render_markdown(report)
+    assert "<details>" not in markdown and "Images per site and split" in markdown
+
+
+def test_the_model_card_states_the_privacy_guarantee(report, run_dir):
+    changed = copy.deepcopy(report)
+    sentence = ("Each site's training examples are protected by (epsilon = 7.99, delta = 1e-05)"
+                "-differential privacy over the whole run.")
+    changed["model_card"] = {**(changed.get("model_card") or {}), "privacy": sentence}
+    assert html.escape(sentence) in render_html(changed, run_dir=run_dir)
+    assert sentence in render_markdown(changed)
