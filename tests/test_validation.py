@@ -358,7 +358,7 @@ def test_a_training_reply_without_its_evaluation_is_rejected():
     arrays, _ = strategy.aggregate_train(1, replies)
     record = strategy.rounds[1]
     assert record.rejected == [
-        "site-1: expected one ArrayRecord 'arrays' and MetricRecords 'metrics' and 'evaluation', "
+        "site-1: expected one ArrayRecord 'arrays' and MetricRecords 'evaluation', 'metrics', "
         "got 'arrays' and 'metrics'"]
     assert sorted(record.train) == ["site-0", "site-2"] and record.missing == ["site-1"]
     # The accepted sites' evaluations of the model they received (round 0's) are kept.
