@@ -58,7 +58,8 @@ RUN_LIMIT_S = 420
 # Every metric name a site may send: its training cost and loss, its evaluation (scalars,
 # confusion matrices, label histograms) and its privacy spend.
 SENDABLE_METRICS = {
-    messages.WEIGHT_KEY, messages.TRAIN_LOSS, messages.COMPUTE_SECONDS, messages.PEAK_MB,
+    messages.WEIGHT_KEY, messages.TRAIN_LOSS, messages.COMPUTE_SECONDS, messages.TRAIN_SECONDS,
+    messages.PEAK_MB,
     *messages.PRIVACY_METRICS,
     *(f"{split}-{name}" for split in messages.EVALUATED_SPLITS
       for name in (*SCALARS, "loss", "confusion")),
