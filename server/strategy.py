@@ -55,7 +55,7 @@ from medfed.common.messages import (
 from medfed.common.privacy import client_epsilon
 from medfed.common.wire import record_bytes
 from medfed.common.schedule import PlateauSchedule, Stages, selection_score
-from medfed.server.validation import RoundReference, screen, screen_evaluation
+from medfed.server.validation import RoundReference, screen, screen_evaluation, update_norm
 
 log = logging.getLogger("medfed")
 
@@ -197,8 +197,8 @@ def clip_update(content: RecordDict, *, sent: dict[str, np.ndarray], norm: float
     """Scale a reply's update (its arrays minus those sent) to an L2 norm of at most `norm`,
     over all its arrays together, in place; an update of norm 0 stays as it is."""
     arrays = content["arrays"]
+    total = update_norm(arrays, {k: sent[k] for k in arrays.keys()})
     update = {k: arrays[k].numpy().astype(np.float64) - sent[k] for k in arrays.keys()}
-    total = float(np.sqrt(sum(np.sum(u ** 2) for u in update.values())))
     scale = min(1.0, norm / total) if total > 0 else 1.0
     content["arrays"] = ArrayRecord({
         k: Array(np.asarray(sent[k] + scale * u, dtype=arrays[k].numpy().dtype))
