@@ -90,33 +90,35 @@ def _optimize(module: nn.Module, dataset, *, config: TrainConfig, lr: float, pro
         drop_last=len(dataset) > config.batch_size and private is None,
     )
     engine = None
-    if private is not None:
-        # DP-SGD's noise and Poisson sampling must not be reproducible from the run's seed, which
-        # the server knows: they draw from the operating system's randomness.
-        torch.manual_seed(secrets.randbits(63))
-        module, optimizer, loader, engine = make_private(
-            module, optimizer, loader, plan=private,
-            generator=torch.Generator(device=device).manual_seed(secrets.randbits(63)))
-    amp = device.type == "cuda" and private is None
-    scaler = torch.amp.GradScaler(device.type, enabled=amp)
-    loss_sum, seen = 0.0, 0
-    for inputs, targets in _batches(loader, config):
-        inputs, targets = inputs.to(device), targets.to(device)
-        optimizer.zero_grad(set_to_none=True)
-        with torch.autocast(device.type, enabled=amp):
-            # The mean, written so that an empty batch (Poisson sampling draws them; its noisy
-            # step still counts) gives 0, not NaN.
-            cross_entropy = nn.functional.cross_entropy(module(inputs).float(), targets,
-                                                        reduction="sum") / max(len(targets), 1)
-        loss = cross_entropy
-        if anchor is not None:
-            proximal = sum(((p - a) ** 2).sum() for p, a in zip(params, anchor))
-            loss = loss + proximal_mu / 2 * proximal
-        scaler.scale(loss).backward()
-        scaler.step(optimizer)
-        scaler.update()
-        loss_sum += cross_entropy.item() * len(targets)
-        seen += len(targets)
+    # The global generator is restored afterwards: DP-SGD's reseeding stays inside this round.
+    with torch.random.fork_rng(devices=[], enabled=private is not None):
+        if private is not None:
+            # DP-SGD's noise and Poisson sampling must not be reproducible from the run's seed,
+            # which the server knows: they draw from the operating system's randomness.
+            torch.manual_seed(secrets.randbits(63))
+            module, optimizer, loader, engine = make_private(
+                module, optimizer, loader, plan=private,
+                generator=torch.Generator(device=device).manual_seed(secrets.randbits(63)))
+        amp = device.type == "cuda" and private is None
+        scaler = torch.amp.GradScaler(device.type, enabled=amp)
+        loss_sum, seen = 0.0, 0
+        for inputs, targets in _batches(loader, config):
+            inputs, targets = inputs.to(device), targets.to(device)
+            optimizer.zero_grad(set_to_none=True)
+            with torch.autocast(device.type, enabled=amp):
+                # The mean, written so that an empty batch (Poisson sampling draws them; its noisy
+                # step still counts) gives 0, not NaN.
+                cross_entropy = nn.functional.cross_entropy(module(inputs).float(), targets,
+                                                            reduction="sum") / max(len(targets), 1)
+            loss = cross_entropy
+            if anchor is not None:
+                proximal = sum(((p - a) ** 2).sum() for p, a in zip(params, anchor))
+                loss = loss + proximal_mu / 2 * proximal
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+            loss_sum += cross_entropy.item() * len(targets)
+            seen += len(targets)
     releases = []
     if engine is not None:
         releases = [tuple(entry) for entry in engine.accountant.history]
