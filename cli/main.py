@@ -399,16 +399,17 @@ def client(
 
 
 def print_study_summary(run_dir: Path, report: dict) -> None:
+    from medfed.common.document import markdown_block
     from medfed.server.report import metrics_table
 
     final = report["final"]
     typer.echo(f"\nfinal model from round {final['model_round']}; test metrics per site:")
-    typer.echo("\n".join(metrics_table(final["sites"])))
+    typer.echo(markdown_block(metrics_table(final["sites"])))
     typer.echo(f"\nrun directory: {run_dir}  (report.md, report.json, metrics.csv, global_model.pt)")
 
 
 def print_summary(run_dir: Path, report: dict) -> None:
-    from medfed.simulations.report_html import summary_lines
+    from medfed.simulations.report import summary_lines
 
     typer.echo("")
     typer.echo("\n".join(summary_lines(report)))

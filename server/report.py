@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 
 from medfed.common.dataset import SPLITS
+from medfed.common.document import Heading, Paragraph, Table, markdown_page
 from medfed.common.messages import EVALUATED_SPLITS, clean, label_histograms, split_metrics
 from medfed.common.metrics import SCALARS, format_number
 from medfed.common.versions import versions
@@ -152,83 +153,88 @@ def _write_csv(path: Path, report: dict) -> None:
                              **report["final"]["global"]})
 
 
-def metrics_table(rows: dict[str, dict]) -> list[str]:
-    """Markdown table: one row per site (or 'global'), the clinical metrics as columns."""
-    lines = ["| | n | accuracy | balanced acc. | sensitivity | specificity | precision | F1 | AUC |",
-             "|---|---|---|---|---|---|---|---|---|"]
-    for name, m in rows.items():
-        lines.append(
-            f"| {name} | {m['n']} | {format_number(m['accuracy'])} | {format_number(m['balanced_accuracy'])} | "
-            f"{format_number(m['recall'])} | {format_number(m['specificity'])} | {format_number(m['precision'])} | "
-            f"{format_number(m['f1'])} | {format_number(m['auc'])} |"
-        )
-    return lines
+def metrics_table(rows: dict[str, dict]) -> Table:
+    """One row per site (or 'global'), the clinical metrics as columns."""
+    header = ("", "n", "accuracy", "balanced acc.", "sensitivity", "specificity", "precision",
+              "F1", "AUC")
+    columns = ("accuracy", "balanced_accuracy", "recall", "specificity", "precision", "f1", "auc")
+    return Table(header, tuple((name, str(m["n"]), *(format_number(m[c]) for c in columns))
+                               for name, m in rows.items()))
 
 
 def render_markdown(report: dict) -> str:
-    cfg, data, final, comm = report["config"], report["dataset"], report["final"], report["communication"]
+    """report.md: the run in sentences and tables, written with the shared document blocks."""
+    cfg, data, final = report["config"], report["dataset"], report["final"]
     classes = data["classes"]
-    lines = [
-        f"# medfed run: {data['name']}, {len(report['sites'])} sites, "
-        f"{cfg['federation']['strategy']}",
-        "",
-        f"Backbone `{cfg['model']['backbone']}` (weights: {cfg['model']['weights']}, "
-        f"freeze: {cfg['model']['freeze']}, BatchNorm: {cfg['model']['bn']}), "
-        f"input {cfg['data']['image_size']} px, seed {cfg['seed']}. "
-        f"Final model from round {final['model_round']} "
-        f"({final['early_stopping'].get('criterion', 'lowest aggregated validation loss')}); "
-        f"{len(report['rounds'])} rounds run"
-        + (f", early stopping at round {final['early_stopping']['stopped_at']}."
-           if final["early_stopping"]["stopped_at"] else "."),
-        "",
-        "## Test metrics of the final model",
-        "",
-        "Sensitivity = recall of the positive class"
-        + (f" (`{classes[1]}`)" if len(classes) == 2 else " (macro over classes)")
-        + "; AUC n/a where a split holds one class only.",
-        "",
-    ]
+    stopped = final["early_stopping"]["stopped_at"]
     rows = dict(final["sites"])
     if final["global"]:
         held_out = (report.get("partition") or {}).get("global_test", "held-out test set")
         rows[f"global ({held_out})"] = final["global"]
-    lines += metrics_table(rows)
-    lines += ["", "## Sites", "", "| site | train | val | test | label histogram (train+val+test) |",
-              "|---|---|---|---|---|"]
+    return markdown_page([
+        Heading(1, f"medfed run: {data['name']}, {len(report['sites'])} sites, "
+                   f"{cfg['federation']['strategy']}"),
+        Paragraph(
+            f"Backbone {cfg['model']['backbone']} (weights: {cfg['model']['weights']}, "
+            f"freeze: {cfg['model']['freeze']}, BatchNorm: {cfg['model']['bn']}), "
+            f"input {cfg['data']['image_size']} px, seed {cfg['seed']}. "
+            f"Final model from round {final['model_round']} "
+            f"({final['early_stopping'].get('criterion', 'lowest aggregated validation loss')}); "
+            f"{len(report['rounds'])} rounds run"
+            + (f", early stopping at round {stopped}." if stopped else ".")),
+        Heading(2, "Test metrics of the final model"),
+        Paragraph("Sensitivity = recall of the positive class"
+                  + (f" ({classes[1]})" if len(classes) == 2 else " (macro over classes)")
+                  + "; AUC n/a where a split holds one class only."),
+        metrics_table(rows),
+        Heading(2, "Sites"), _sites_table(report),
+        Heading(2, "Rounds"), _rounds_table(report),
+        Heading(2, "Communication"), Paragraph(_communication_text(report["communication"])),
+        Heading(2, "Privacy"), Paragraph(report["privacy"]["guarantee"]),
+        *_privacy_tables(report["privacy"]["sites"]),
+        Paragraph(f"Wall time {report['timing']['wall_s']:.0f} s."),
+        Heading(2, "Data"), Paragraph(data.get("citation", "")),
+    ])
+
+
+def _sites_table(report: dict) -> Table:
+    classes, rows = report["dataset"]["classes"], []
     for site, info in report["sites"].items():
         total = np.sum([info["label_histogram"][s] for s in SPLITS], axis=0)
-        hist = ", ".join(f"{c}: {int(n)}" for c, n in zip(classes, total))
-        lines.append(f"| {site} | {info['n']['train']} | {info['n']['val']} | {info['n']['test']} | {hist} |")
-    lines += ["", "## Rounds", "", "| round | lr | mean train loss | val loss (aggregated) | global test AUC | global test accuracy | updates rejected |",
-              "|---|---|---|---|---|---|---|"]
+        histogram = ", ".join(f"{c}: {int(n)}" for c, n in zip(classes, total))
+        rows.append((site, *(str(info["n"][s]) for s in SPLITS), histogram))
+    return Table(("site", *SPLITS, "label histogram (train+val+test)"), tuple(rows))
+
+
+def _rounds_table(report: dict) -> Table:
+    rows = []
     for r in report["rounds"]:
         losses = [v["loss"] for v in r["train"].values()]
         g = r["global_test"] or {}
-        lines.append(
-            f"| {r['round']} | {r['lr']:.2e} | {format_number(float(np.mean(losses)) if losses else None)} | "
-            f"{format_number(r['val_loss'])} | {format_number(g.get('auc'))} | {format_number(g.get('accuracy'))} | "
-            f"{len(r['rejected'])} |"
-        )
+        rows.append((str(r["round"]), f"{r['lr']:.2e}",
+                     format_number(float(np.mean(losses)) if losses else None),
+                     format_number(r["val_loss"]), format_number(g.get("auc")),
+                     format_number(g.get("accuracy")), str(len(r["rejected"]))))
+    return Table(("round", "lr", "mean train loss", "val loss (aggregated)", "global test AUC",
+                  "global test accuracy", "updates rejected"), tuple(rows))
+
+
+def _communication_text(comm: dict) -> str:
     up = [sum(r["sites"].values()) for r in comm["bytes_up_per_round"] if r["sites"]]
     down = [sum(r["sites"].values()) for r in comm["bytes_down_per_round"] if r["sites"]]
-    lines += [
-        "", "## Communication", "",
-        f"Trainable parameters {comm['trainable_params']:,} of {comm['total_params']:,} "
-        f"({comm['exchanged_tensors']} tensors, {comm['payload_bytes'] / 1e6:.2f} MB per model payload). "
-        f"Per round, all sites together: {np.mean(up) / 1e6 if up else 0:.2f} MB up, "
-        f"{np.mean(down) / 1e6 if down else 0:.2f} MB down (train and evaluation messages).",
-        "", "## Privacy", "", report["privacy"]["guarantee"], "",
-    ]
-    spends = report["privacy"]["sites"]
-    if spends:
-        lines += ["| site | epsilon | delta | noise multiplier | clipping norm | sample rate | steps |",
-                  "|---|---|---|---|---|---|---|"]
-        lines += [f"| {site} | {s['epsilon']:.2f} | {s['delta']:.0e} | {s['noise-multiplier']:.3f} | "
-                  f"{s['max-grad-norm']:g} | {s['sample-rate']:.3f} | {int(s['steps'])} |"
-                  for site, s in spends.items()]
-        lines.append("")
-    lines += [
-        f"Wall time {report['timing']['wall_s']:.0f} s.", "",
-        "## Data", "", data.get("citation", ""), "",
-    ]
-    return "\n".join(lines)
+    return (f"Trainable parameters {comm['trainable_params']:,} of {comm['total_params']:,} "
+            f"({comm['exchanged_tensors']} tensors, {comm['payload_bytes'] / 1e6:.2f} MB per model "
+            f"payload). Per round, all sites together: {np.mean(up) / 1e6 if up else 0:.2f} MB up, "
+            f"{np.mean(down) / 1e6 if down else 0:.2f} MB down (train and evaluation messages).")
+
+
+def _privacy_tables(spends: dict[str, dict]) -> list[Table]:
+    """The DP-SGD spend per site; none when the sites spent no privacy budget."""
+    if not spends:
+        return []
+    return [Table(("site", "epsilon", "delta", "noise multiplier", "clipping norm", "sample rate",
+                   "steps"),
+                  tuple((site, f"{s['epsilon']:.2f}", f"{s['delta']:.0e}",
+                         f"{s['noise-multiplier']:.3f}", f"{s['max-grad-norm']:g}",
+                         f"{s['sample-rate']:.3f}", str(int(s["steps"])))
+                        for site, s in spends.items()))]

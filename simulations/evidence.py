@@ -34,7 +34,7 @@ from medfed.simulations.gradcam import grad_cam, overlay
 from medfed.simulations.statistics import (
     at_threshold, bootstrap_ci, mean_std, paired_comparison, youden_threshold,
 )
-from medfed.simulations.report_html import render_html, render_markdown
+from medfed.simulations.report import render_html, render_markdown
 
 RUNS_FILE = "runs.json"
 # Paired comparisons reported when both modes ran: (A, B) reads "A against B".

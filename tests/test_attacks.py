@@ -21,7 +21,7 @@ from medfed.common.dataset import LabelledImages
 from medfed.common.errors import MedfedError
 from medfed.common.messages import EVALUATION
 from medfed.simulations import attacks
-from medfed.simulations.report_html import render_markdown
+from medfed.simulations.report import render_markdown
 
 KEYS = ("head.weight", "head.bias", "bn.running_mean", "bn.running_var")
 

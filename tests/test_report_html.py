@@ -13,7 +13,7 @@ import pytest
 from PIL import Image
 
 from medfed.simulations.evidence import _Judge
-from medfed.simulations.report_html import figures, render_html, render_markdown
+from medfed.simulations.report import figures, render_html, render_markdown
 
 SITES = ("north", "south<script>alert(1)</script>")
 MODES = ("federated", "centralized", "local", "scratch", "classical-svm-pixels")
