@@ -9,7 +9,8 @@ from typing import NoReturn, Optional
 
 import typer
 
-from medfed.common.config import Config, load_yaml, parse_assignment, set_value
+from medfed.common.config import Config
+from medfed.common.config_loading import load_yaml, parse_assignment, set_value
 from medfed.common.errors import MedfedError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,

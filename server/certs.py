@@ -27,7 +27,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from medfed.common.config import read_yaml
+from medfed.common.config_loading import read_yaml
 from medfed.common.errors import MedfedError
 
 CA_CERT, CA_KEY = "ca.crt", "ca.key"

@@ -47,7 +47,8 @@ from flwr.serverapp.strategy.fedtrimmedavg import trim_mean
 from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords
 
 from medfed.common import messages
-from medfed.common.config import BYZANTINE_MINIMUM, Config, check_sites
+from medfed.common.config import BYZANTINE_MINIMUM, Config
+from medfed.common.config_checks import check_sites
 from medfed.common.messages import (
     COMPUTE_SECONDS, EVALUATION, METRICS, PEAK_MB, PRIVACY, TRAIN_LOSS, TRAIN_SECONDS, WEIGHT_KEY,
     clean, declared_name,

@@ -27,8 +27,9 @@ from pathlib import Path
 import tomli_w
 import yaml
 
-from medfed.common.config import Config, load_yaml, parse_assignment, set_value, study_classes, validate
-from medfed.common.config import check_deployment
+from medfed.common.config import Config
+from medfed.common.config_checks import check_deployment, study_classes, validate
+from medfed.common.config_loading import load_yaml, parse_assignment, set_value
 from medfed.common.errors import MedfedError
 from medfed.common.files import write_json
 from medfed.common.model import check_model, native_input_size

@@ -6,7 +6,7 @@ the Simulation Engine only: it lets the site train as usual, then rewrites the a
 when the reply comes from an attacker. Data poisoning (label-flip) rewrites the attackers'
 training labels before the sites' files are written, so every mode that trains on their data sees
 the same poisoned labels. The deployed ClientApp (`medfed.client.app.app`) has no mods, and
-`medfed server start` refuses a config with an attack (`common.config.check_deployment`).
+`medfed server start` refuses a config with an attack (`common.config_checks.check_deployment`).
 
 What an attacker sends back (g: the global arrays it received, w: what it trained, s: scale):
 

@@ -18,7 +18,8 @@ import statistics
 import time
 from pathlib import Path
 
-from medfed.common.config import Config, validate
+from medfed.common.config import Config
+from medfed.common.config_checks import validate
 from medfed.common.errors import MedfedError
 from medfed.common.files import claim_run_dir, write_json
 from medfed.simulations.run import prepare, run_federation, save_sites

@@ -24,7 +24,8 @@ import torch
 import yaml
 
 from medfed.common import features
-from medfed.common.config import Config, comparison_plan, validate
+from medfed.common.config import Config
+from medfed.common.config_checks import comparison_plan, validate
 from medfed.common.dataset import LabelledImages, TransformedImages
 from medfed.common.files import claim_run_dir, save_torch, write_json
 from medfed.common.inference import pick_device, predict

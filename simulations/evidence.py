@@ -18,7 +18,7 @@ from PIL import Image
 from sklearn.metrics import roc_curve
 from timm.data import resolve_model_data_config
 
-from medfed.common.config import from_dict
+from medfed.common.config_loading import from_dict
 from medfed.common.dataset import load_splits
 from medfed.common.errors import MedfedError
 from medfed.common.files import write_atomic, write_json

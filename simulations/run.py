@@ -17,7 +17,8 @@ import numpy as np
 import torch
 
 from medfed.client.site_data import simulated_site_name
-from medfed.common.config import Config, check_sites, validate
+from medfed.common.config import Config
+from medfed.common.config_checks import check_sites, validate
 from medfed.common.dataset import LabelledImages, load_splits, save_splits
 from medfed.common.errors import MedfedError, few
 from medfed.common import messages

@@ -16,7 +16,9 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, Met
 from test_strategy import task_identity
 
 from medfed.client import app as medfed_client
-from medfed.common.config import Config, check_deployment, check_sites, set_value, validate
+from medfed.common.config import Config
+from medfed.common.config_checks import check_deployment, check_sites, validate
+from medfed.common.config_loading import set_value
 from medfed.common.dataset import LabelledImages
 from medfed.common.errors import MedfedError
 from medfed.common.messages import EVALUATION

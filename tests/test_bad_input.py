@@ -21,7 +21,8 @@ import torch
 from commands import TINY, medfed
 
 from medfed.client.site_data import load_site
-from medfed.common.config import Config, load_yaml
+from medfed.common.config import Config
+from medfed.common.config_loading import load_yaml
 from medfed.common.dataset import load_splits
 from medfed.common.errors import MedfedError, few
 from medfed.common.files import claim_run_dir

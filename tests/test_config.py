@@ -7,17 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from medfed.common.config import (
-    Config,
-    FederationConfig,
-    ModelConfig,
-    STRATEGIES,
-    load_yaml,
-    parse_assignment,
-    parse_freeze,
-    set_value,
-    validate,
-)
+from medfed.common.config import STRATEGIES, Config, FederationConfig, ModelConfig
+from medfed.common.config_checks import parse_freeze, validate
+from medfed.common.config_loading import load_yaml, parse_assignment, set_value
 from medfed.common.errors import MedfedError
 
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "simulations" / "configs"

@@ -27,7 +27,8 @@ from cryptography import x509
 from typer.testing import CliRunner
 
 from medfed.cli.main import app
-from medfed.common.config import load_yaml, study_classes, validate
+from medfed.common.config_checks import study_classes, validate
+from medfed.common.config_loading import load_yaml
 from medfed.common.errors import MedfedError
 from medfed.common.processes import free_port
 from medfed.server import proxy

@@ -10,7 +10,9 @@ import torch
 from commands import medfed
 
 from medfed.common import features, wire
-from medfed.common.config import Config, TrainConfig, set_value, validate
+from medfed.common.config import Config, TrainConfig
+from medfed.common.config_checks import validate
+from medfed.common.config_loading import set_value
 from medfed.common.dataset import LabelledImages, TransformedImages
 from medfed.common.errors import MedfedError
 from medfed.common.model import build_model

@@ -37,9 +37,9 @@ from flwr.supercore.task_identity import TaskIdentity
 
 from conftest import evaluation_record
 from imagefiles import write_dicom
-from medfed.common.config import (
-    Config, comparison_plan, from_dict, load_yaml, parse_assignment, set_value, validate,
-)
+from medfed.common.config import Config
+from medfed.common.config_checks import comparison_plan, validate
+from medfed.common.config_loading import from_dict, load_yaml, parse_assignment, set_value
 from medfed.common.errors import MedfedError
 from medfed.common.imaging import ImageReadError, is_dicom, read_image
 from medfed.common.messages import (

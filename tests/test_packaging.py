@@ -24,7 +24,8 @@ from pathlib import Path
 
 import pytest
 
-from medfed.common.config import load_yaml, validate
+from medfed.common.config_checks import validate
+from medfed.common.config_loading import load_yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 PYPROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text())
@@ -129,7 +130,8 @@ def test_packaged_configs_load_and_validate(installed):
     code = (
         "import json\n"
         "from importlib.resources import as_file, files\n"
-        "from medfed.common.config import load_yaml, validate\n"
+        "from medfed.common.config_checks import validate\n"
+        "from medfed.common.config_loading import load_yaml\n"
         "found = {}\n"
         "for entry in files('medfed.simulations.configs').iterdir():\n"
         "    if entry.name.endswith('.yaml'):\n"

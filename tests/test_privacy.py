@@ -19,7 +19,9 @@ from opacus.accountants import RDPAccountant
 
 from medfed.client.app import app as client_app
 from medfed.common import messages, privacy, wire
-from medfed.common.config import Config, set_value, validate
+from medfed.common.config import Config
+from medfed.common.config_checks import validate
+from medfed.common.config_loading import set_value
 from medfed.common.dataset import load_splits, save_splits
 from medfed.common.errors import MedfedError
 from medfed.common.model import build_model, check_model

@@ -12,7 +12,8 @@ from commands import TINY, medfed
 import torch
 import yaml
 
-from medfed.common.config import DataConfig, from_dict
+from medfed.common.config import DataConfig
+from medfed.common.config_loading import from_dict
 from medfed.common.dataset import load_splits
 from medfed.common.inference import evaluate
 from medfed.common.model import build_model

@@ -17,7 +17,8 @@ from test_strategy import MockGrid, make_strategy, perturbed, task_identity
 
 from medfed.common import wire
 from medfed.common.messages import EVALUATION
-from medfed.common.config import Config, validate
+from medfed.common.config import Config
+from medfed.common.config_checks import validate
 from medfed.common.errors import MedfedError
 from medfed.server.app import _report_progress
 from medfed.server.report import build_report, render_markdown
