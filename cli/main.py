@@ -375,6 +375,10 @@ def client(
                                                        "supernode-<site>.log)."),
     connect_timeout: float = typer.Option(120.0, help="Seconds to wait for the SuperLink to accept "
                                                       "this site."),
+    state_dir: Optional[Path] = typer.Option(
+        None, help="Where the site keeps what it computes once: its decoded images, frozen "
+                   "features and privacy spend (default: medfed-state-<site>/ beside the log). "
+                   "Never sent anywhere."),
 ) -> None:
     """Join a federation: check this site's data, then run its Flower SuperNode until Ctrl-C.
     Images never leave this machine; only model updates and metrics do."""
@@ -384,7 +388,7 @@ def client(
     interrupt_on_sigterm()
     try:
         prepared = prepare(site=site, data=data, superlink=superlink, certs=certs, insecure=insecure,
-                           log=log_file, connect_timeout=connect_timeout)
+                           log=log_file, connect_timeout=connect_timeout, state_dir=state_dir)
         typer.echo(f"{site}: {check_data(prepared.data)} in {prepared.data}")
         if insecure:
             typer.echo("WARNING: --insecure: no TLS and no authentication; model updates travel in "

@@ -25,7 +25,8 @@ from flwr.clientapp import ClientApp
 from medfed.client.site_data import load_site, locate_site, state_dir
 from medfed.common import features, messages, privacy, wire
 from medfed.common.config import Config
-from medfed.common.inference import evaluate, evaluate_features, pick_device
+from medfed.common.device import pick_device
+from medfed.common.inference import evaluate, evaluate_features
 from medfed.common.messages import ARRAYS, EVALUATION, METRICS, PRIVACY, SITE
 from medfed.common.model import build_model
 from medfed.common.schedule import HEAD, STAGES
@@ -57,8 +58,9 @@ class _Site:
         self.config = self.received.config
         node_config = dict(context.node_config)
         self.name, path = locate_site(node_config, self.received)
+        self.state_dir = state_dir(node_config, path)
         self.data = load_site(path, config_json=self.received.config_json,
-                              classes=self.received.classes, site=self.name)
+                              classes=self.received.classes, site=self.name, state=self.state_dir)
         template, keys = _template(self.received.config_json, self.received.num_classes)
         self.keys = keys[self.received.stage]
         self.model = copy.deepcopy(template)
@@ -69,7 +71,6 @@ class _Site:
         self.device = pick_device(self.config.train.device)
         self.head = self.received.stage == HEAD
         self.frozen = features.FrozenLayers(self.model, config=self.config, device=self.device)
-        self.state_dir = state_dir(node_config, path)
         self.cache_dir = self.state_dir / "features"
 
     def features(self, split: str) -> tuple[np.ndarray, np.ndarray]:

@@ -20,11 +20,16 @@ from __future__ import annotations
 import hashlib
 import io
 import os
+import time
 import tomllib
 import zipfile
 from pathlib import Path
 
 from medfed.client import audit
+
+# Taken before Flower, torch and the app are imported (in main): a message's cost at the site
+# includes them.
+STARTED = time.monotonic()
 
 CLIENTAPP = "medfed.client.app:app"
 REFUSED = "medfed refused the app of run"
@@ -97,7 +102,9 @@ def _entry(pulled: dict, reply) -> dict:
     message, run = pulled["message"], pulled["run"]
     config = message.content.config_records.get("config", {}) if message.has_content() else {}
     entry = {"run": run.run_id, "app": run.fab_id, "app_hash": pulled["fab"].hash_str,
-             "type": message.metadata.message_type, "round": config.get("server-round")}
+             "type": message.metadata.message_type, "round": config.get("server-round"),
+             # This process's life until the reply: imports, data, model, training, evaluation.
+             "seconds": round(time.monotonic() - STARTED, 3)}
     if "refused" in pulled:
         return {**entry, "refused": pulled["refused"]}
     if reply.has_error():

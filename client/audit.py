@@ -2,7 +2,7 @@
 
 One JSON line per message, appended (never rewritten) by the ClientApp process that handled it
 (client/app_guard.py): when, which run and app bundle (its hash), which message type and round,
-whether the app was refused, and what left the site — the tensor names and bytes, the metric
+how long the process took, whether the app was refused, and what left the site — the tensor names and bytes, the metric
 names, or the error. No values: the log shows what crossed the boundary, not patient data.
 `medfed status AUDIT_LOG` prints it.
 """
@@ -64,7 +64,8 @@ def render(path: Path) -> list[str]:
             lines.append(f"{head}: error sent back ({entry['error']})")
         else:
             sent = entry.get("sent", {})
+            took = f" after {entry['seconds']:.1f} s" if isinstance(entry.get("seconds"), float) else ""
             lines.append(f"{head}: sent {len(sent.get('tensors', []))} tensors "
-                         f"({sent.get('bytes', 0):,} bytes), metrics "
+                         f"({sent.get('bytes', 0):,} bytes){took}, metrics "
                          f"{', '.join(sent.get('metrics', [])) or 'none'}")
     return lines or [f"{path}: no messages yet"]

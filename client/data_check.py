@@ -14,6 +14,7 @@ from collections import Counter, defaultdict
 from importlib.metadata import version
 from pathlib import Path
 
+from medfed.common.progress import tracked
 from medfed.common.sources import Problem, decoded, discover
 
 # Fewer readable images than this in a class cannot give it a place in train, val and test.
@@ -33,7 +34,9 @@ def check(path: str | Path, *, classes: list[str] | None = None, frame: int | No
     patients: dict[str, set[str]] = defaultdict(set)
     patient_sites: dict[str, set[str]] = defaultdict(set)
     patient_source = "manifest patient_id" if any(r.patient_id for r in collection.records) else None
-    for record, result in decoded(collection, frame=frame):
+    files = tracked(decoded(collection, frame=frame), what=f"checking {collection.root.name}",
+                    total=len(collection.records))
+    for record, result in files:
         if isinstance(result, Problem):
             problems.append(result)
             continue

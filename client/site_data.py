@@ -14,11 +14,11 @@ from __future__ import annotations
 import functools
 from pathlib import Path
 
+from medfed.client.image_cache import Request, site_splits
 from medfed.common.config import Config
 from medfed.common.dataset import SPLITS, LabelledImages, check_labels, load_splits
 from medfed.common.messages import RoundConfig
-from medfed.common.sources import discover, is_collection, load
-from medfed.common.splits import split_indices
+from medfed.common.sources import is_collection
 
 
 def simulated_site_name(partition_id: int) -> str:
@@ -26,9 +26,9 @@ def simulated_site_name(partition_id: int) -> str:
 
 
 def state_dir(node_config: dict, data_file: Path) -> Path:
-    """Where the site keeps what it computes once (its frozen-feature cache): the SuperNode's
-    `state-dir` (`medfed client` sets it), else a folder beside its data file (a simulation's
-    virtual sites, whose data the simulation wrote)."""
+    """Where the site keeps what it computes once (its decoded images, its frozen-feature
+    cache): the SuperNode's `state-dir` (`medfed client` sets it), else a folder beside its data
+    file (a simulation's virtual sites, whose data the simulation wrote)."""
     if "state-dir" in node_config:
         return Path(str(node_config["state-dir"]))
     return data_file.with_name(f"{data_file.stem}-state")
@@ -52,11 +52,13 @@ def locate_site(node_config: dict, received: RoundConfig) -> tuple[str, Path]:
 
 
 @functools.lru_cache(maxsize=4)
-def load_site(path: Path, *, config_json: str, classes: tuple[str, ...], site: str
-              ) -> dict[str, LabelledImages]:
+def load_site(path: Path, *, config_json: str, classes: tuple[str, ...], site: str,
+              state: Path) -> dict[str, LabelledImages]:
+    """The site's train/val/test splits: an npz's own, or a folder's decoded once into the
+    site's `state` directory and memory-mapped from there (client/image_cache.py)."""
     if is_collection(path):
-        return _split_collection(path, config=Config.from_json(config_json), classes=list(classes),
-                                 site=site)
+        request = Request.of(Config.from_json(config_json), classes=classes, site=site)
+        return site_splits(path, request=request, state_dir=state)
     splits = load_splits(path)
     missing = [s for s in SPLITS if s not in splits]
     if missing:
@@ -64,10 +66,3 @@ def load_site(path: Path, *, config_json: str, classes: tuple[str, ...], site: s
     check_labels(path, splits, len(classes), classes_of=" of the federation")
     return splits
 
-
-def _split_collection(path: Path, *, config: Config, classes: list[str], site: str
-                      ) -> dict[str, LabelledImages]:
-    loaded = load(discover(path, classes=classes), image_size=config.data.image_size,
-                  frame=config.data.frame, skip_bad=config.data.skip_bad)
-    positions = split_indices(loaded.images.labels, seed=config.seed, groups=loaded.patients, site=site)
-    return {name: loaded.images.subset(index) for name, index in positions.items()}

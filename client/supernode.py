@@ -57,11 +57,8 @@ class Site:
     certs: Path | None   # None: --insecure
     log: Path
     connect_timeout: float
-
-    @property
-    def state_dir(self) -> Path:
-        """What the site keeps between messages (its frozen-feature cache), beside its log."""
-        return self.log.resolve().parent / f"medfed-state-{self.name}"
+    # What the site keeps between messages: its decoded images, frozen features, privacy spend.
+    state_dir: Path
 
     @property
     def audit_log(self) -> Path:
@@ -70,12 +67,15 @@ class Site:
 
 
 def prepare(*, site: str, data: Path, superlink: str, certs: Path | None, insecure: bool,
-            log: Path | None, connect_timeout: float) -> Site:
+            log: Path | None, connect_timeout: float, state_dir: Path | None = None) -> Site:
     """Check the options of `medfed client`; nothing is started here."""
     # The name and path travel inside Flower's --node-config as TOML literal strings ('...').
     if not site or any(c.isspace() or c in "'\"" for c in site):
         raise MedfedError(f"--site {site!r}: give the site's name from sites.yaml, e.g. hospital-a")
-    for option, path in (("--data", data), ("--log", log or Path.cwd())):
+    log = log or Path(f"supernode-{site}.log")
+    # Default: beside the log, so everything the site writes is in one place.
+    state_dir = (state_dir or log.resolve().parent / f"medfed-state-{site}").resolve()
+    for option, path in (("--data", data), ("--log", log), ("--state-dir", state_dir)):
         if "'" in str(path.resolve()) or "\n" in str(path.resolve()):
             raise MedfedError(f"{option} {path}: a path containing ' or a line break cannot be "
                               f"passed to Flower's --node-config; rename or link the folder")
@@ -87,9 +87,22 @@ def prepare(*, site: str, data: Path, superlink: str, certs: Path | None, insecu
                      hint=f"give the folder for {site} that `medfed certs init` wrote (certs/{site}/)")
     if connect_timeout <= 0:
         raise MedfedError(f"--connect-timeout {connect_timeout}: must be more than 0 seconds")
+    _check_writable(state_dir)
     return Site(name=site, data=data.resolve(), superlink=superlink,
-                certs=None if certs is None else certs.resolve(),
-                log=log or Path(f"supernode-{site}.log"), connect_timeout=connect_timeout)
+                certs=None if certs is None else certs.resolve(), log=log,
+                connect_timeout=connect_timeout, state_dir=state_dir)
+
+
+def _check_writable(folder: Path) -> None:
+    """Refuse, before joining, a state directory the site could not write at its first round."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=".writable-"):
+            pass
+    except OSError as exc:
+        raise MedfedError(f"--state-dir {folder} cannot be written ({exc.strerror or exc}); the "
+                          f"site keeps its decoded images and features there: give a folder this "
+                          f"user can write, on a disk with room for the images") from None
 
 
 def check_data(path: Path) -> str:

@@ -26,10 +26,13 @@ from torch import nn
 from medfed.common.config import Config
 from medfed.common.dataset import LabelledImages, TransformedImages
 from medfed.common.files import write_bytes_atomic
+from medfed.common.device import autocast, loader_options, place_batch, place_model
 from medfed.common.model import classifier_keys
+from medfed.common.progress import Progress
 from medfed.common.transforms import build_transform
 
 CACHE_VERSION = 1
+HASHED_IMAGES = 1024
 
 
 def classifier(model: nn.Module) -> nn.Module:
@@ -52,9 +55,15 @@ def classifier_inputs(model: nn.Module, images: torch.Tensor) -> torch.Tensor:
 def compute(model: nn.Module, data: LabelledImages, *, transform, batch_size: int,
             device: torch.device) -> np.ndarray:
     loader = torch.utils.data.DataLoader(TransformedImages(data, transform),
-                                         batch_size=batch_size * 2, shuffle=False)
-    model.to(device)
-    chunks = [classifier_inputs(model, images.to(device)).float().cpu() for images, _ in loader]
+                                         batch_size=batch_size * 2, shuffle=False,
+                                         **loader_options(device))
+    place_model(model, device)
+    chunks = []
+    with Progress("frozen features", total=len(data)) as progress:
+        for images, _ in loader:
+            with autocast(device):
+                chunks.append(classifier_inputs(model, place_batch(images, device)).float().cpu())
+            progress.advance(len(images))
     return torch.cat(chunks).numpy().astype(np.float32)
 
 
@@ -82,7 +91,9 @@ class FrozenLayers:
         digest = hashlib.sha256(f"{CACHE_VERSION}|{views}|{config.seed if views else ''}".encode())
         digest.update(repr(sorted(vars(config.data).items())).encode())
         digest.update(self._frozen_weights)
-        digest.update(np.ascontiguousarray(data.images).tobytes())
+        # In slices: a site's images may be a memory-mapped array larger than its memory.
+        for start in range(0, len(data.images), HASHED_IMAGES):
+            digest.update(np.ascontiguousarray(data.images[start:start + HASHED_IMAGES]).tobytes())
         return digest.hexdigest()[:24]
 
     def features(self, data: LabelledImages, *, train: bool,

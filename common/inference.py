@@ -1,4 +1,4 @@
-"""Running a model over data: device choice and prediction, shared by sites and the server."""
+"""Running a model over data: prediction and metrics, shared by sites and the server."""
 
 from __future__ import annotations
 
@@ -7,14 +7,8 @@ import torch
 from torch import nn
 
 from medfed.common.dataset import LabelledImages, TransformedImages
+from medfed.common.device import autocast, loader_options, place_batch, place_model
 from medfed.common.metrics import classification_metrics
-
-
-def pick_device(preference: str) -> torch.device:
-    """"auto" takes the GPU when the machine has one, the CPU otherwise."""
-    if preference == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(preference)
 
 
 @torch.no_grad()
@@ -23,8 +17,8 @@ def predict(model: nn.Module, loader, device: torch.device) -> tuple[np.ndarray,
     model.eval()
     labels, probs, loss_sum = [], [], 0.0
     for images, targets in loader:
-        images, targets = images.to(device), targets.to(device)
-        with torch.autocast(device.type, enabled=device.type == "cuda"):
+        images, targets = place_batch(images, device), place_batch(targets, device)
+        with autocast(device):
             logits = model(images)
         logits = logits.float()
         loss_sum += nn.functional.cross_entropy(logits, targets, reduction="sum").item()
@@ -38,9 +32,10 @@ def evaluate(model: nn.Module, data: LabelledImages, *, transform, batch_size: i
              device: torch.device) -> dict:
     """Metrics plus mean loss of `model` on `data`."""
     loader = torch.utils.data.DataLoader(
-        TransformedImages(data, transform), batch_size=batch_size * 2, shuffle=False
+        TransformedImages(data, transform), batch_size=batch_size * 2, shuffle=False,
+        **loader_options(device),
     )
-    y, probs, loss = predict(model, loader, device)
+    y, probs, loss = predict(place_model(model, device), loader, device)
     return {**classification_metrics(y, probs), "loss": loss}
 
 
@@ -50,7 +45,7 @@ def evaluate_features(classifier: nn.Module, features: np.ndarray, labels: np.nd
     loader = torch.utils.data.DataLoader(
         torch.utils.data.TensorDataset(torch.from_numpy(features),
                                        torch.from_numpy(labels.astype(np.int64))),
-        batch_size=batch_size * 2, shuffle=False,
+        batch_size=batch_size * 2, shuffle=False, **loader_options(device),
     )
     y, probs, loss = predict(classifier.to(device), loader, device)
     return {**classification_metrics(y, probs), "loss": loss}

@@ -15,7 +15,7 @@ relative to the manifest. Without a patient_id column, a DICOM file's PatientID 
 from __future__ import annotations
 
 import csv
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -25,6 +25,7 @@ import numpy as np
 from medfed.common.dataset import LabelledImages
 from medfed.common.errors import MedfedError
 from medfed.common.imaging import IMAGE_SUFFIXES, DecodedImage, ImageReadError, is_dicom, read_image
+from medfed.common.progress import tracked
 
 MANIFEST_SUFFIXES = (".csv",)
 REQUIRED_COLUMNS = ("path", "label")
@@ -68,15 +69,22 @@ class Collection:
 
 
 @dataclass
-class Loaded:
-    """Decoded images resized to the model input, with where each came from."""
+class Decoded:
+    """What decoding found besides the pixels: each readable image's label, site and patient."""
 
-    images: LabelledImages
+    labels: np.ndarray
     classes: list[str]
     sites: np.ndarray | None
     # Patient of each image; None when no image has one (then every image is its own patient).
     patients: np.ndarray | None
     skipped: list[Problem]
+
+
+@dataclass
+class Loaded(Decoded):
+    """Decoded images resized to the model input, with where each came from."""
+
+    images: LabelledImages
 
 
 def is_collection(path: str | Path) -> bool:
@@ -186,30 +194,30 @@ def refuse(problems: list[Problem], *, source: Path) -> MedfedError:
     )
 
 
-def load(collection: Collection, *, image_size: int, frame: int | None = None,
-         skip_bad: bool = False) -> Loaded:
-    """Decode every file and resize it to `image_size` square, or refuse with the problems."""
-    pixels, labels, sites, patients = [], [], [], []
+def decode_resized(collection: Collection, *, image_size: int, keep: Callable[[int, np.ndarray], None],
+                   frame: int | None = None, skip_bad: bool = False, log=None) -> Decoded:
+    """Decode every file, resize it to `image_size` square and hand it to `keep(index, pixels)`
+    (index: its place among the readable images), one at a time; or refuse with the problems."""
+    labels, sites, patients = [], [], []
     problems = list(collection.problems)
-    for record, result in decoded(collection, frame=frame):
+    images = tracked(decoded(collection, frame=frame), what=f"decoding {collection.root.name}",
+                     total=len(collection.records), stream=log)
+    for record, result in images:
         if isinstance(result, Problem):
             problems.append(result)
             continue
-        pixels.append(cv2.resize(result.pixels, (image_size, image_size), interpolation=cv2.INTER_AREA))
+        keep(len(labels), cv2.resize(result.pixels, (image_size, image_size),
+                                     interpolation=cv2.INTER_AREA))
         labels.append(collection.classes.index(record.label))
         sites.append(record.site)
         patients.append(record.patient_id or result.info.get("patient_id"))
     if problems and not skip_bad:
         raise refuse(problems, source=collection.root)
-    if not pixels:
+    if not labels:
         raise MedfedError(f"{collection.root} has no readable images")
-    # One channel layout for the whole collection: RGB (ultrasound, photographs) wins, and
-    # grayscale images are repeated to 3 channels next to it.
-    if any(p.ndim == 3 for p in pixels):
-        pixels = [p if p.ndim == 3 else np.repeat(p[:, :, None], 3, axis=2) for p in pixels]
     known_patients = any(p is not None for p in patients)
-    return Loaded(
-        images=LabelledImages(np.stack(pixels), np.asarray(labels, dtype=np.int64)),
+    return Decoded(
+        labels=np.asarray(labels, dtype=np.int64),
         classes=list(collection.classes),
         sites=np.asarray(sites, dtype=object) if collection.kind == "manifest" and all(sites) else None,
         # An image without a patient id is its own patient: it cannot leak into another's split.
@@ -217,3 +225,17 @@ def load(collection: Collection, *, image_size: int, frame: int | None = None,
                             dtype=object) if known_patients else None,
         skipped=problems,
     )
+
+
+def load(collection: Collection, *, image_size: int, frame: int | None = None,
+         skip_bad: bool = False, log=None) -> Loaded:
+    """Decode every file and resize it to `image_size` square, in memory, or refuse with the
+    problems."""
+    pixels = []
+    found = decode_resized(collection, image_size=image_size, frame=frame, skip_bad=skip_bad,
+                            keep=lambda index, image: pixels.append(image), log=log)
+    # One channel layout for the whole collection: RGB (ultrasound, photographs) wins, and
+    # grayscale images are repeated to 3 channels next to it.
+    if any(p.ndim == 3 for p in pixels):
+        pixels = [p if p.ndim == 3 else np.repeat(p[:, :, None], 3, axis=2) for p in pixels]
+    return Loaded(**vars(found), images=LabelledImages(np.stack(pixels), found.labels))

@@ -18,6 +18,9 @@ from torch import nn
 
 from medfed.common.config import TrainConfig
 from medfed.common.dataset import LabelledImages, TransformedImages
+from medfed.common.device import (
+    autocast, loader_options, needs_loss_scaling, place_batch, place_model,
+)
 from medfed.common.privacy import SitePlan, make_private
 
 
@@ -53,7 +56,7 @@ def train_local(
     With `proximal_mu > 0` (FedProx) the loss gains mu/2 * ||w - w_global||^2 over the trainable
     weights, w_global being the weights received this round.
     """
-    model.to(device).train()
+    place_model(model, device).train()
     dataset = TransformedImages(data, transform)
     return _optimize(model, dataset, config=config, lr=lr, proximal_mu=proximal_mu, device=device,
                      seed=seed, private=private)
@@ -87,7 +90,7 @@ def _optimize(module: nn.Module, dataset, *, config: TrainConfig, lr: float, pro
     generator = torch.Generator().manual_seed(seed)
     loader = torch.utils.data.DataLoader(
         dataset, batch_size=config.batch_size, shuffle=True, generator=generator,
-        drop_last=len(dataset) > config.batch_size and private is None,
+        drop_last=len(dataset) > config.batch_size and private is None, **loader_options(device),
     )
     engine = None
     # The global generator is restored afterwards: DP-SGD's reseeding stays inside this round.
@@ -99,13 +102,14 @@ def _optimize(module: nn.Module, dataset, *, config: TrainConfig, lr: float, pro
             module, optimizer, loader, engine = make_private(
                 module, optimizer, loader, plan=private,
                 generator=torch.Generator(device=device).manual_seed(secrets.randbits(63)))
-        amp = device.type == "cuda" and private is None
-        scaler = torch.amp.GradScaler(device.type, enabled=amp)
+        # Opacus' per-sample gradients are computed in full precision.
+        amp = private is None
+        scaler = torch.amp.GradScaler(device.type, enabled=needs_loss_scaling(device, enabled=amp))
         loss_sum, seen = 0.0, 0
         for inputs, targets in _batches(loader, config):
-            inputs, targets = inputs.to(device), targets.to(device)
+            inputs, targets = place_batch(inputs, device), place_batch(targets, device)
             optimizer.zero_grad(set_to_none=True)
-            with torch.autocast(device.type, enabled=amp):
+            with autocast(device, enabled=amp):
                 # The mean, written so that an empty batch (Poisson sampling draws them; its noisy
                 # step still counts) gives 0, not NaN.
                 cross_entropy = nn.functional.cross_entropy(module(inputs).float(), targets,

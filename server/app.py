@@ -21,7 +21,8 @@ from medfed.common.config_loading import load_yaml
 from medfed.common.dataset import LabelledImages
 from medfed.common.errors import MedfedError
 from medfed.common.files import save_torch
-from medfed.common.inference import evaluate, evaluate_features, pick_device
+from medfed.common.device import pick_device
+from medfed.common.inference import evaluate, evaluate_features
 from medfed.common.metrics import SCALARS, format_number
 from medfed.common.model import build_model, count_parameters
 from medfed.common.privacy import DEFAULT_DELTA

@@ -27,6 +27,7 @@ from medfed.common.dataset import LabelledImages
 from medfed.common.inference import evaluate, evaluate_features
 from medfed.common.schedule import HEAD, PlateauSchedule, Stages, selection_score
 from medfed.common.training import train_head, train_local
+from medfed.common.progress import Progress
 from medfed.common.transforms import build_transform
 
 CLASSICAL = ("svm-pixels", "rf-pixels", "svm-cnn", "rf-cnn")
@@ -36,14 +37,14 @@ PIXEL_SIDE = 32
 
 
 def train_epochs(model: nn.Module, train: LabelledImages, val: LabelledImages, *, config: Config,
-                 seed: int, device: torch.device, sites: int = 1,
+                 seed: int, device: torch.device, what: str, sites: int = 1,
                  frozen: dict[str, tuple[np.ndarray, np.ndarray]] | None = None) -> list[dict]:
     """Train in place with the federated recipe and budget; leaves the best-validation weights
     loaded. Each round: the head on cached frozen features or the unfrozen stages on images, as
     the federation's stage schedule says, for `local_epochs` passes or `local_steps` x `sites`
     steps (pooled data of several sites gets the steps all of them take in one round).
     `frozen`: the train and val splits' frozen features when already computed (the sites'
-    caches), else computed here once."""
+    caches), else computed here once. `what` names the run in its progress lines."""
     stages = Stages.of_config(config)
     schedule = PlateauSchedule(lr=stages.start_lr(stages.of(1)), federation=config.federation)
     steps = config.train.local_steps
@@ -53,6 +54,7 @@ def train_epochs(model: nn.Module, train: LabelledImages, val: LabelledImages, *
     best, kept = _state(model), 0
     history = []
     stage = stages.of(1)
+    progress = Progress(what, total=config.federation.rounds, unit="rounds")
     for server_round in range(1, config.federation.rounds + 1):
         if stages.of(server_round) != stage:
             stage = stages.of(server_round)
@@ -81,8 +83,10 @@ def train_epochs(model: nn.Module, train: LabelledImages, val: LabelledImages, *
             best, kept = _state(model), server_round
         history.append({"round": server_round, "stage": stage, "train_loss": loss,
                         "val_loss": result["loss"], "val_auc": result["auc"]})
+        progress.advance()
         if schedule.stopped:
             break
+    progress.close()
     model.load_state_dict(best)
     for entry in history:
         entry["kept"] = entry["round"] == kept

@@ -28,7 +28,8 @@ from medfed.common.config import Config
 from medfed.common.config_checks import comparison_plan, validate
 from medfed.common.dataset import LabelledImages, TransformedImages
 from medfed.common.files import claim_run_dir, save_torch, write_json
-from medfed.common.inference import pick_device, predict
+from medfed.common.device import loader_options, pick_device, place_model
+from medfed.common.inference import predict
 from medfed.common.model import build_model, load_saved_model
 from medfed.common.splits import subsample
 from medfed.common.transforms import build_transform
@@ -127,7 +128,7 @@ def run_modes(prepared: Prepared, config: Config, *, modes: list[str], run_dir: 
             model = build_model(config.model, num_classes=num_classes, seed=config.seed)
             history = baselines.train_epochs(model, _pool(prepared, "train"), _pool(prepared, "val"),
                                              config=config, seed=config.seed, device=device,
-                                             sites=len(prepared.sites),
+                                             what="centralized", sites=len(prepared.sites),
                                              frozen=frozen.pooled() if frozen.used else None)
             _save_model(model, run_dir / "centralized" / "model.pt", config=config)
             predictions |= _predict_all(model, prepared, config=config, device=device,
@@ -140,6 +141,7 @@ def run_modes(prepared: Prepared, config: Config, *, modes: list[str], run_dir: 
                 model = build_model(config.model, num_classes=num_classes, seed=config.seed)
                 history = baselines.train_epochs(model, splits["train"], splits["val"],
                                                  config=config, seed=config.seed, device=device,
+                                                 what=f"local {site}",
                                                  frozen=frozen.site(site) if frozen.used else None)
                 predictions |= _predict_all(model, prepared, config=config, device=device,
                                             prefix=f"local|{site}", only_site=site,
@@ -193,12 +195,14 @@ def _predict_all(model, prepared: Prepared, *, config: Config, device: torch.dev
             values, labels = frozen.named(name)
             dataset = torch.utils.data.TensorDataset(torch.from_numpy(values),
                                                      torch.from_numpy(labels.astype(np.int64)))
-            loader = torch.utils.data.DataLoader(dataset, batch_size=config.train.batch_size * 2)
+            loader = torch.utils.data.DataLoader(dataset, batch_size=config.train.batch_size * 2,
+                                                 **loader_options(device))
             y, probs, _ = predict(features.classifier(model).to(device), loader, device)
         else:
             loader = torch.utils.data.DataLoader(TransformedImages(data, transform),
-                                                 batch_size=config.train.batch_size * 2)
-            y, probs, _ = predict(model.to(device), loader, device)
+                                                 batch_size=config.train.batch_size * 2,
+                                                 **loader_options(device))
+            y, probs, _ = predict(place_model(model, device), loader, device)
         out[f"{prefix}|{name}|y"], out[f"{prefix}|{name}|p"] = y, probs.astype(np.float32)
     model.cpu()
     return out

@@ -181,7 +181,8 @@ def test_a_site_npz_with_labels_outside_the_federation_classes_is_refused(tmp_pa
     labels = (np.arange(200) % 3).astype(np.uint8)  # class 2 in a 2-class federation
     path = medmnist_layout(tmp_path, labels={"train": labels}, name="site.npz")
     with pytest.raises(MedfedError, match=r"train_labels has 2 \(66 images\); labels must be 0 to 1"):
-        load_site.__wrapped__(path, config_json=Config().to_json(), classes=("a", "b"), site="h")
+        load_site.__wrapped__(path, config_json=Config().to_json(), classes=("a", "b"), site="h",
+                              state=tmp_path / "state")
 
 
 def test_negative_labels_are_refused_even_without_a_class_count(tmp_path):

@@ -97,6 +97,7 @@ def test_bad_client_input_is_one_error_line(setup, tmp_path):
     images = tmp_path / "images" / "normal"
     images.mkdir(parents=True)
     (images / "x.png").write_text("not an image")
+    (tmp_path / "a-file").write_text("")
     cases = [
         (["--data", str(setup / "site.npz"), "--superlink", "https://fl.example.org:9092",
           "--certs", site_certs], "HOST:PORT"),
@@ -110,6 +111,9 @@ def test_bad_client_input_is_one_error_line(setup, tmp_path):
           "--certs", site_certs], "no test split"),
         (["--data", str(tmp_path / "images"), "--superlink", "fl.example.org:9092",
           "--certs", site_certs], "cannot be used as it is"),
+        (["--data", str(setup / "site.npz"), "--superlink", "fl.example.org:9092",
+          "--certs", site_certs, "--state-dir", str(tmp_path / "a-file" / "state")],
+         "cannot be written"),
     ]
     for args, message in cases:
         _one_error_line(_run("client", "--site", "hospital-a", *args,

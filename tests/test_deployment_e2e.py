@@ -25,10 +25,11 @@ from pathlib import Path
 
 import pytest
 import yaml
+from PIL import Image
 from commands import MEDFED, TINY_WEIGHTS
 
 from medfed.common import messages
-from medfed.common.dataset import SPLITS, load_splits, save_splits
+from medfed.common.dataset import SPLITS, LabelledImages, load_splits, save_splits
 from medfed.common.metrics import SCALARS
 from medfed.common.processes import FlowerCommandError, flwr_json, free_port
 from medfed.common.errors import MedfedError
@@ -48,6 +49,7 @@ def _nginx_missing() -> str | None:
 pytestmark = pytest.mark.skipif(_nginx_missing() is not None, reason=str(_nginx_missing()))
 
 SITES = ["hospital-a", "hospital-b", "hospital-c"]
+FOLDER_SITE = SITES[2]
 STUDY = {
     "data": {"classes": ["malignant", "normal, benign"], "image_size": 32},
     "model": {"backbone": "test_efficientnet", "weights": TINY_WEIGHTS},
@@ -111,6 +113,13 @@ def federation(tmp_path_factory, medmnist_dir) -> Path:
     for i, site in enumerate(SITES):
         save_splits(root / f"{site}.npz", {k: v.subset(slice(i, None, len(SITES)))
                                            for k, v in splits.items()})
+    # The last hospital holds a folder of image files, as a real one would: it decodes and
+    # splits them itself, once, into its state directory.
+    share = LabelledImages.pooled([s.subset(slice(2, None, len(SITES))) for s in splits.values()])
+    for n, (image, label) in enumerate(zip(share.images, share.labels)):
+        folder = root / FOLDER_SITE / STUDY["data"]["classes"][label]
+        folder.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(image).save(folder / f"{n:04d}.png")
     (root / "study.yaml").write_text(yaml.safe_dump(STUDY))
     return root
 
@@ -124,7 +133,8 @@ def _server(start, federation: Path, run_dir: Path, port: int, *extra: str) -> P
 def _client(start, federation: Path, site: str, port: int, *, name: str | None = None,
             certs: Path | None = None, data: str | None = None, timeout: float = 120) -> Process:
     name = f"{name or site}-{port}"
-    return start(name, "client", "--site", site, "--data", str(federation / f"{data or site}.npz"),
+    data = data or (FOLDER_SITE if site == FOLDER_SITE else f"{site}.npz")
+    return start(name, "client", "--site", site, "--data", str(federation / data),
                  "--superlink", f"localhost:{port}",
                  "--certs", str(certs or federation / "certs" / site),
                  "--log-file", str(federation / f"{name}.log"), "--connect-timeout", str(timeout))
@@ -164,7 +174,7 @@ def deployments(tmp_path_factory, federation):
                 "server": _server(start, federation, folder / "full", full, "--wait-sites", "180s",
                                   "--set", "privacy.dp=sample", "--set", "privacy.epsilon=8"),
                 "clients": [_client(start, federation, site, full) for site in SITES],
-                "intruder": _client(start, federation, "intruder", full, data="hospital-a",
+                "intruder": _client(start, federation, "intruder", full, data="hospital-a.npz",
                                     timeout=60),
                 "wrong_ca": _client(start, federation, "hospital-a", full, name="wrong-ca",
                                     timeout=60, certs=federation / "other-certs" / "hospital-a"),
@@ -241,8 +251,17 @@ def test_three_hospitals_train_over_tls_and_strangers_are_turned_away(deployment
             assert set(entry["sent"]["metrics"]) <= SENDABLE_METRICS, entry["sent"]["metrics"]
         assert all({"epsilon", "delta", "steps"} <= set(e["sent"]["metrics"]) for e in trains)
         site = client.name.rsplit("-", 1)[0]  # "<site>-<port>"
-        assert list((d["federation"] / f"medfed-state-{site}" / "privacy").glob("*.json"))
+        state = d["federation"] / f"medfed-state-{site}"
+        assert list((state / "privacy").glob("*.json"))
+        if site == FOLDER_SITE:
+            # Its folder was decoded by the first message only; later ones read the cache.
+            (cache,) = (state / "images").iterdir()
+            assert (cache / "meta.json").is_file()
+            log = (d["federation"] / f"{client.name}.log").read_text()
+            assert log.count(" once into ") == 1, log
         assert not any("refused" in e or "error" in e for e in entries)
+        # How long each message took at the site, from its ClientApp process's start.
+        assert all(0 < e["seconds"] < RUN_LIMIT_S for e in entries)
         shown = subprocess.run([MEDFED, "status", str(audit)], capture_output=True, text=True,
                                timeout=60)
         assert shown.returncode == 0 and "train round 2: sent" in shown.stdout, shown

@@ -28,7 +28,8 @@ def test_folder_is_split_by_the_site_with_the_federation_seed_and_classes(tmp_pa
     config = Config()
     config.data.image_size = 32
     splits = load_site(tmp_path / "cxr", config_json=config.to_json(),
-                       classes=("covid", "normal", "pneumonia"), site="hospital-a")
+                       classes=("covid", "normal", "pneumonia"), site="hospital-a",
+                       state=tmp_path / "state")
     assert set(splits) == {"train", "val", "test"}
     assert sum(len(s) for s in splits.values()) == 30
     assert splits["train"].images.shape[1:] == (32, 32)
@@ -36,5 +37,6 @@ def test_folder_is_split_by_the_site_with_the_federation_seed_and_classes(tmp_pa
     # Labels are numbered by the federation's class list: "covid" (0) is absent at this site.
     assert sorted(set(labels.tolist())) == [1, 2]
     again = load_site.__wrapped__(tmp_path / "cxr", config_json=config.to_json(),
-                                  classes=("covid", "normal", "pneumonia"), site="hospital-a")
+                                  classes=("covid", "normal", "pneumonia"), site="hospital-a",
+                                  state=tmp_path / "state")
     np.testing.assert_array_equal(again["test"].labels, splits["test"].labels)

@@ -1,0 +1,196 @@
+"""A deployed site decodes its folder once: the memory-mapped cache in its state directory."""
+
+from __future__ import annotations
+
+import errno
+import io
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+from imagefiles import gradient, write_dicom, write_png
+
+import medfed
+from medfed.client import image_cache
+from medfed.client.image_cache import Request, site_splits
+from medfed.common import sources
+from medfed.common.dataset import SPLITS, TransformedImages
+from medfed.common.errors import MedfedError
+
+CLASSES = ("normal", "pneumonia")
+
+
+def _folder(root, count=24, *, rgb_at=None):
+    for i in range(count):
+        pixels = gradient(i)
+        if i == rgb_at:
+            pixels = np.stack([pixels, pixels[::-1], pixels], axis=2)
+        write_png(root / CLASSES[i % 2] / f"{i:03d}.png", pixels)
+    return root
+
+
+def _request(**changes):
+    return Request(**{"image_size": 16, "frame": None, "skip_bad": False, "classes": CLASSES,
+                      "seed": 7, "site": "hospital-a", **changes})
+
+
+@pytest.fixture
+def decodes(monkeypatch):
+    """How many files were decoded."""
+    count = {"files": 0}
+    read = sources.read_image
+
+    def counting(*args, **kwargs):
+        count["files"] += 1
+        return read(*args, **kwargs)
+
+    monkeypatch.setattr(sources, "read_image", counting)
+    return count
+
+
+def _load(folder, state, request=None):
+    log = io.StringIO()
+    splits = site_splits(folder, request=request or _request(), state_dir=state, log=log)
+    return splits, log.getvalue()
+
+
+def _same(a, b):
+    for split in SPLITS:
+        np.testing.assert_array_equal(np.asarray(a[split].images), np.asarray(b[split].images))
+        np.testing.assert_array_equal(a[split].labels, b[split].labels)
+
+
+def test_second_message_reads_the_cache_and_decodes_nothing(tmp_path, decodes):
+    folder = _folder(tmp_path / "cxr")
+    first, log = _load(folder, tmp_path / "state")
+    assert decodes["files"] == 24
+    assert "decoding 24 images" in log and "first use of this state directory" in log
+    again, log = _load(folder, tmp_path / "state")
+    assert decodes["files"] == 24 and log == ""
+    _same(first, again)
+    assert isinstance(again["train"].images, np.memmap)
+    # Only the finished cache is left: no decoded scratch array, no partial folder.
+    (cache,) = (tmp_path / "state" / "images").iterdir()
+    assert sorted(p.name for p in cache.iterdir()) == sorted(
+        ["meta.json"] + [f"{s}-{kind}.npy" for s in SPLITS for kind in ("images", "labels")])
+
+
+def test_memory_mapped_splits_give_the_batches_of_the_in_memory_path(tmp_path):
+    folder = _folder(tmp_path / "cxr", rgb_at=5)  # a colour image turns the whole set to RGB
+    cached, _ = _load(folder, tmp_path / "state")
+    loaded = sources.load(sources.discover(folder, classes=list(CLASSES)), image_size=16)
+    in_memory = image_cache._in_memory(sources.discover(folder, classes=list(CLASSES)),
+                                       request=_request(), log=io.StringIO())
+    assert cached["train"].images.shape[1:] == (16, 16, 3) == loaded.images.images.shape[1:]
+    _same(cached, in_memory)
+
+    def batches(data):
+        loader = torch.utils.data.DataLoader(
+            TransformedImages(data, lambda image: {"image": torch.as_tensor(image.copy())}),
+            batch_size=4)
+        return [(x, y) for x, y in loader]
+
+    for (x, y), (x2, y2) in zip(batches(cached["train"]), batches(in_memory["train"]), strict=True):
+        assert torch.equal(x, x2) and torch.equal(y, y2)
+
+
+@pytest.mark.parametrize("change, reason", [
+    ("add", "1 file(s) added: normal/900.png"),
+    ("modify", "1 file(s) changed: pneumonia/003.png"),
+    ("remove", "1 file(s) removed: normal/000.png"),
+    ("image_size", "image_size 16 → 24"),
+    ("seed", "seed 7 → 8"),
+    ("classes", "classes"),
+    ("version", "made by medfed"),
+])
+def test_every_key_invalidates_the_cache_and_says_why(tmp_path, decodes, monkeypatch, change,
+                                                      reason):
+    folder = _folder(tmp_path / "cxr")
+    state = tmp_path / "state"
+    before, _ = _load(folder, state)
+    request = _request()
+    if change == "add":
+        write_png(folder / "normal" / "900.png", gradient(900))
+    elif change == "modify":
+        write_png(folder / "pneumonia" / "003.png", gradient(300))
+        os.utime(folder / "pneumonia" / "003.png", ns=(1, 1))
+    elif change == "remove":
+        (folder / "normal" / "000.png").unlink()
+    elif change == "image_size":
+        request = _request(image_size=24)
+    elif change == "seed":
+        request = _request(seed=8)
+    elif change == "classes":
+        request = _request(classes=("covid", *CLASSES))
+    else:
+        monkeypatch.setattr(medfed, "__version__", "0.0.1", raising=False)
+    decodes["files"] = 0
+    after, log = _load(folder, state, request)
+    assert decodes["files"] == sum(len(s) for s in after.values())
+    assert reason in log
+    assert len(list((state / "images").iterdir())) == 1  # the old cache is gone
+    if change == "modify":
+        assert not all(np.array_equal(np.asarray(before[s].images), np.asarray(after[s].images))
+                       for s in SPLITS)
+    if change == "classes":  # labels are numbered by the federation's list
+        assert set(np.concatenate([s.labels for s in after.values()]).tolist()) == {1, 2}
+
+
+def test_full_disk_keeps_no_partial_cache_and_decodes_in_memory(tmp_path, monkeypatch):
+    folder = _folder(tmp_path / "cxr")
+    state = tmp_path / "state"
+    old, _ = _load(folder, state, _request(image_size=12))
+    real_save = np.save
+
+    def full(file, *args, **kwargs):
+        if "test-labels" in str(file):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_save(file, *args, **kwargs)
+
+    monkeypatch.setattr(image_cache.np, "save", full)
+    splits, log = _load(folder, state)
+    assert "could not write the image cache" in log and "No space left on device" in log
+    assert sum(len(s) for s in splits.values()) == 24
+    assert not isinstance(splits["train"].images, np.memmap)
+    # Nothing half-written remains; the previous cache is still there and still valid.
+    (kept,) = (state / "images").iterdir()
+    assert json.loads((kept / "meta.json").read_text())["settings"]["image_size"] == 12
+    monkeypatch.setattr(image_cache.np, "save", real_save)
+    again, log = _load(folder, state, _request(image_size=12))
+    assert log == ""
+    _same(old, again)
+
+
+def test_state_directory_that_cannot_be_written_is_one_clear_error(tmp_path):
+    folder = _folder(tmp_path / "cxr")
+    blocker = tmp_path / "not-a-folder"
+    blocker.write_text("a file where the state directory should be")
+    with pytest.raises(MedfedError, match="give --state-dir a writable folder"):
+        _load(folder, blocker / "state")
+
+
+def test_dicom_patients_keep_their_images_in_one_split(tmp_path):
+    root = tmp_path / "cr"
+    for i in range(30):
+        write_dicom(root / CLASSES[i % 2] / f"{i}.dcm", gradient(i), patient_id=f"P{i // 3}")
+    splits, _ = _load(root, tmp_path / "state")
+    loaded = sources.load(sources.discover(root, classes=list(CLASSES)), image_size=16)
+    assert loaded.patients is not None
+    in_memory = image_cache._in_memory(sources.discover(root, classes=list(CLASSES)),
+                                       request=_request(), log=io.StringIO())
+    _same(splits, in_memory)
+
+
+def test_a_killed_process_leaves_nothing_that_is_used_and_its_leftovers_are_removed(tmp_path):
+    folder = _folder(tmp_path / "cxr")
+    images = tmp_path / "state" / "images"
+    abandoned, busy = images / ".partial-killed", images / ".partial-busy"
+    for partial in (abandoned, busy):
+        partial.mkdir(parents=True)
+        (partial / "decoded.npy").write_bytes(b"half")  # no meta.json: never read as a cache
+    os.utime(abandoned / "decoded.npy", (0, 0))
+    splits, _ = _load(folder, tmp_path / "state")
+    assert sum(len(s) for s in splits.values()) == 24
+    assert not abandoned.exists() and busy.exists()  # another process may still be writing it
