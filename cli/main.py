@@ -10,6 +10,7 @@ from typing import NoReturn, Optional
 import typer
 
 from medfed.common.config import Config
+from medfed.common.config_checks import validate
 from medfed.common.config_loading import load_yaml, parse_assignment, set_value
 from medfed.common.errors import MedfedError
 
@@ -147,13 +148,14 @@ INTERRUPTED = "interrupted; nothing is left running"
 
 
 def resolve_config(path: Optional[Path], options: dict, assignments: list[str]) -> Config:
-    """Defaults, then the YAML file, then the options, then --set (common/config.py)."""
+    """Defaults, then the YAML file, then the options, then --set; validated here, the one
+    place, before torch and Flower load: a bad value is answered at once."""
     resolved = load_yaml(path) if path else Config()
     for name, value in options.items():
         set_value(resolved, OPTION_KEYS[name], value, origin=f"--{name.replace('_', '-')}")
     for assignment in assignments:
         set_value(resolved, *parse_assignment(assignment))
-    return resolved
+    return validate(resolved)
 
 
 @app.command()
@@ -329,7 +331,8 @@ def server_start(
     """Run a study across hospitals: start the SuperLink, admit the sites in sites.yaml, run the
     medfed ServerApp, write the report, stop. Exit 0 done, 1 run failed, 2 bad input, 130 Ctrl-C."""
     from medfed.common.processes import interrupt_on_sigterm
-    from medfed.server.superlink import RunFailed, prepare, serve
+    from medfed.server.study import prepare
+    from medfed.server.superlink import RunFailed, serve
 
     interrupt_on_sigterm()
     try:

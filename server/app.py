@@ -32,6 +32,7 @@ from medfed.common.schedule import (
     FINETUNE, HEAD, STAGES, PlateauSchedule, Stages, selection_rule,
 )
 from medfed.server.checkpoint import CHECKPOINT, load_checkpoint, save_checkpoint
+from medfed.server.run_files import ERROR_FILE, NODES_FILE, PROGRESS_FILE
 from medfed.server.strategy import (
     MedfedStrategy, RegisteredNodes, RoundRecord, make_flower_strategy, site_name,
 )
@@ -260,10 +261,6 @@ def make_server_app(**settings) -> ServerApp:
     return app
 
 
-# What the deployed ServerApp leaves for `medfed server start` (server/superlink.py) to show.
-PROGRESS_FILE = "progress.log"
-ERROR_FILE = "error.txt"
-NODES_FILE = "nodes.json"       # site name -> the Flower node id its key was registered as
 app = ServerApp()
 
 

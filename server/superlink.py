@@ -2,8 +2,8 @@
 
 It starts `flower-superlink` (TLS from `medfed certs init`, `--enable-supernode-auth`, its state
 in `<run_dir>/superlink.db`), registers the public keys of the sites in sites.yaml with
-`flwr supernode register`, launches the medfed ServerApp with `flwr run` on a generated Flower
-app (a pyproject.toml only: medfed is installed, so the bundle carries no code), follows the
+`flwr supernode register`, launches the medfed ServerApp with `flwr run` on the generated Flower app
+(server/flower_app.py) for the checked study (server/study.py), follows the
 run until it ends, and stops the SuperLink. The ServerApp receives everything through Flower's
 run config and writes its checkpoints and report into the run directory.
 
@@ -20,137 +20,29 @@ import ssl
 import time
 import urllib.error
 import urllib.request
-from dataclasses import dataclass
-from importlib.metadata import version
 from pathlib import Path
 
-import tomli_w
 import yaml
 
-from medfed.common.config import Config
-from medfed.common.config_checks import check_deployment, study_classes, validate
-from medfed.common.config_loading import load_yaml, parse_assignment, set_value
 from medfed.common.errors import MedfedError
 from medfed.common.files import write_json
-from medfed.common.model import check_model, native_input_size
 from medfed.common.processes import (
-    Child, FlowerCommandError, Follower, check_port_free, check_tls_folder, executable, flower_env,
-    flwr_json, free_port, shielded, tail,
+    Child, FlowerCommandError, Follower, check_port_free, executable, flower_env, flwr_json,
+    free_port, shielded, tail,
 )
-from medfed.server.app import ERROR_FILE, NODES_FILE, PROGRESS_FILE
-from medfed.server.certs import CA_CERT, SERVER_CERT, SERVER_KEY, read_sites
-from medfed.server.proxy import nginx_executable, start_proxy
+from medfed.server.certs import CA_CERT, SERVER_CERT, SERVER_KEY
+from medfed.server.flower_app import CONNECTION, write_app, write_connection
+from medfed.server.proxy import start_proxy
+from medfed.server.run_files import CONFIG_FILE, ERROR_FILE, NODES_FILE, PROGRESS_FILE, REPORT_FILE
+from medfed.server.study import Study
 
-CONNECTION = "medfed"
-CONFIG_FILE = "config.yaml"
-REPORT_FILE = "report.json"
 HEALTH_TIMEOUT_S = 60.0
 STOP_GRACE_S = 15.0
 POLL_S = 2.0
-# Beyond the rounds themselves: ServerApp start-up, the sites' roll call, the final evaluation.
-DEADLINE_MARGIN_S = 600.0
 
 
 class RunFailed(MedfedError):
     """The federation ran and did not finish (the CLI exits 1, not 2)."""
-
-
-@dataclass
-class Study:
-    """Everything `medfed server start` checked before starting any process."""
-
-    config: Config
-    run_dir: Path
-    sites: dict[str, Path]
-    certs: Path | None   # None: --insecure
-    host: str            # where the proxy listens for the sites
-    port: int
-    min_sites: int
-    wait_s: float
-    resume: bool
-
-    @property
-    def deadline_s(self) -> float:
-        f = self.config.federation
-        # Every round trains and evaluates, each bounded by round_timeout; then one final evaluation.
-        return self.wait_s + (2 * f.rounds + 1) * f.round_timeout + DEADLINE_MARGIN_S
-
-
-def prepare(*, config_file: Path | None, assignments: list[str], certs: Path | None,
-            sites_file: Path | None, out: Path | None, resume: Path | None, insecure: bool,
-            host: str, port: int, min_sites: int | None, wait: str) -> Study:
-    """Check the inputs of `medfed server start`; nothing is started or written here."""
-    if resume is not None:
-        if config_file is not None:
-            raise MedfedError("--resume continues a run with its own config.yaml; leave out --config "
-                              "(more rounds: --set federation.rounds=N)")
-        if out is not None:
-            raise MedfedError("--resume RUN_DIR is the run directory; leave out --out")
-        run_dir = resume
-        config_file = run_dir / CONFIG_FILE
-        if not config_file.is_file():
-            raise MedfedError(f"cannot resume {run_dir}: it has no {CONFIG_FILE} (not a `medfed server "
-                              f"start` run directory)")
-    elif config_file is None:
-        raise MedfedError("--config is required: the study's YAML (with data.classes), e.g. "
-                          "--config study.yaml")
-    config = load_yaml(config_file)
-    for assignment in assignments:
-        set_value(config, *parse_assignment(assignment))
-    validate(config)
-    classes = study_classes(config)
-    if config.data.image_size is None:
-        # Hospital images go to the backbone's own input size unless the study says otherwise;
-        # fixed here so the server and every site resize the same way.
-        config.data.image_size = native_input_size(config.model.backbone)
-    check_model(config.model, num_classes=len(classes), image_size=config.data.image_size,
-                seed=config.seed, dp=config.privacy.dp)
-    if resume is None:
-        run_dir = out or Path(config.out or f"runs/study-{time.strftime('%Y%m%d-%H%M%S')}")
-        if run_dir.exists() and not run_dir.is_dir():
-            raise MedfedError(f"--out {run_dir} is an existing file; give a folder that does not "
-                              f"exist yet")
-        if run_dir.exists() and any(run_dir.iterdir()):
-            raise MedfedError(f"run directory {run_dir} already exists and is not empty; choose another "
-                              f"--out, or continue it with --resume {run_dir}")
-
-    check_tls_folder(certs, insecure=insecure, needed=(CA_CERT, SERVER_CERT, SERVER_KEY),
-                     hint=f"give the folder `medfed certs init --out {certs or 'certs/'} --server-host "
-                          f"HOST --sites ...` wrote")
-    if sites_file is None:
-        if certs is None:
-            raise MedfedError("--sites is required: the sites.yaml that names the sites")
-        sites_file = certs / "sites.yaml"
-    sites = read_sites(sites_file)
-    min_sites = len(sites) if min_sites is None else min_sites
-    if not 1 <= min_sites <= len(sites):
-        raise MedfedError(f"--min-sites {min_sites}: must be between 1 and the {len(sites)} sites "
-                          f"in {sites_file}")
-    check_deployment(config, sites=len(sites), min_sites=min_sites)
-    if not 1 <= port <= 65535:
-        raise MedfedError(f"--port {port}: must be between 1 and 65535")
-    nginx_executable()
-    if resume is None:
-        config.out = str(run_dir.resolve())  # a resumed run keeps its config, `out` included
-    return Study(config=config, run_dir=run_dir.resolve(), sites=sites,
-                 certs=None if certs is None else certs.resolve(), host=host, port=port,
-                 min_sites=min_sites, wait_s=parse_duration(wait, option="--wait-sites"),
-                 resume=resume is not None)
-
-
-def parse_duration(text: str, *, option: str) -> float:
-    """`90`, `90s`, `10m`, `1.5h` -> seconds."""
-    units = {"s": 1, "m": 60, "h": 3600}
-    raw = text.strip().lower()
-    scale = units.get(raw[-1:], None)
-    number = raw[:-1] if scale else raw
-    try:
-        seconds = float(number) * (scale or 1)
-    except ValueError:
-        seconds = -1
-    if seconds < 0:
-        raise MedfedError(f"{option} {text!r}: expected a duration such as 90s, 10m or 1h")
-    return seconds
 
 
 def serve(study: Study, *, progress=print) -> dict:
@@ -181,7 +73,7 @@ def serve(study: Study, *, progress=print) -> dict:
         progress(f"SuperLink up on 127.0.0.1:{link_port}; the sites' Fleet API only on "
                  f"{study.host}:{study.port} through nginx ({'TLS' if study.certs else 'plaintext'}); "
                  f"logs: {superlink.log}, {proxy.log}")
-        _write_connection(study, flwr_home, port=link_port)
+        write_connection(study, flwr_home, port=link_port)
         if study.certs is not None:
             _register_sites(study, flwr_home, progress=progress)
         app_dir = write_app(study)
@@ -244,19 +136,6 @@ def _wait_healthy(study: Study, child: Child, *, port: int) -> None:
                     f"see {child.log}")
 
 
-def _write_connection(study: Study, flwr_home: Path, *, port: int) -> None:
-    """The Flower config that points `flwr` at this SuperLink's loopback port (a private
-    FLWR_HOME per run, so the user's own ~/.flwr is neither read nor changed)."""
-    connection: dict = {"address": f"127.0.0.1:{port}"}
-    if study.certs is None:
-        connection["insecure"] = True
-    else:
-        connection["root-certificates"] = str(study.certs / CA_CERT)
-    flwr_home.mkdir(parents=True, exist_ok=True)
-    (flwr_home / "config.toml").write_text(
-        tomli_w.dumps({"superlink": {"default": CONNECTION, CONNECTION: connection}}))
-
-
 def _register_sites(study: Study, flwr_home: Path, *, progress) -> None:
     """Admit exactly the sites of sites.yaml; their node ids go to nodes.json for `medfed status`
     (Flower lists nodes by id only)."""
@@ -275,33 +154,6 @@ def _register_sites(study: Study, flwr_home: Path, *, progress) -> None:
         nodes[site] = str(answer["node-id"])
         progress(f"registered site {site} (node {nodes[site]})")
     write_json(nodes_file, nodes)
-
-
-def write_app(study: Study) -> Path:
-    """The Flower app `flwr run` bundles: components and run config only."""
-    app_dir = study.run_dir / "flower-app"
-    app_dir.mkdir(exist_ok=True)
-    project = {
-        "project": {"name": "medfed-study", "version": version("medfed"),
-                    "description": "medfed federated study (ServerApp and ClientApp from the "
-                                   "installed medfed package)"},
-        "tool": {"flwr": {"app": {
-            "publisher": "medfed",
-            "components": {"serverapp": "medfed.server.app:app",
-                           "clientapp": "medfed.client.app:app"},
-            "config": {
-                "config-path": str(study.run_dir / CONFIG_FILE),
-                "run-dir": str(study.run_dir),
-                "resume": study.resume,
-                "min-sites": study.min_sites,
-                "wait-sites-s": float(study.wait_s),
-                "expected-sites": ",".join(study.sites),
-                "registered": study.certs is not None,
-            },
-        }}},
-    }
-    (app_dir / "pyproject.toml").write_text(tomli_w.dumps(project))
-    return app_dir
 
 
 def _follow(study: Study, children: list[Child], *, run_id: int, flwr_home: Path,

@@ -48,8 +48,8 @@ PARTNERS = {"full-model": ("full-model FedAvg", full_model_fedavg),
 
 def bench(config: Config, *, seeds: list[int], out: Path, against: str = "full-model",
           progress=print, verbose: bool = False) -> dict:
-    """Run both recipes on every seed's sites; write `<out>/bench.json` and return it."""
-    validate(config)
+    """Run both recipes (a validated config and its partner) on every seed's sites; write
+    `<out>/bench.json` and return it."""
     if against not in PARTNERS:
         raise MedfedError(f"--against {against}: expected one of {', '.join(PARTNERS)}")
     if against == "no-dp" and config.privacy.dp == "none":

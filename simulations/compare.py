@@ -25,7 +25,7 @@ import yaml
 
 from medfed.common import features
 from medfed.common.config import Config
-from medfed.common.config_checks import comparison_plan, validate
+from medfed.common.config_checks import comparison_plan
 from medfed.common.dataset import LabelledImages, TransformedImages
 from medfed.common.files import claim_run_dir, save_torch, write_json
 from medfed.common.device import loader_options, pick_device, place_model
@@ -50,8 +50,9 @@ class Interrupted(KeyboardInterrupt):
 
 
 def simulate(config: Config, *, progress=print, verbose: bool = False) -> tuple[Path, dict]:
-    """Run the comparison; Ctrl-C once `<out>.incomplete` exists raises `Interrupted`."""
-    modes, seeds, fractions = comparison_plan(validate(config))
+    """Run the comparison of a validated config; Ctrl-C once `<out>.incomplete` exists raises
+    `Interrupted`."""
+    modes, seeds, fractions = comparison_plan(config)
     folds = config.evidence.folds
     fold_list = [(i, folds) for i in range(folds)] if folds else [None]
     first_config = copy.deepcopy(config)

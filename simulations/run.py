@@ -18,7 +18,7 @@ import torch
 
 from medfed.client.site_data import simulated_site_name
 from medfed.common.config import Config
-from medfed.common.config_checks import check_sites, validate
+from medfed.common.config_checks import check_sites
 from medfed.common.dataset import LabelledImages, load_splits, save_splits
 from medfed.common.errors import MedfedError, few
 from medfed.common import messages
@@ -49,12 +49,11 @@ class Prepared:
 
 
 def prepare(config: Config, *, fold: tuple[int, int] | None = None) -> Prepared:
-    """Validate the config against the data and the model, and split the data into sites.
+    """Check a validated config against the data and the model, and split the data into sites.
 
     `fold=(i, k)`: each site's test split is its fold i of k (cross-validation). With
     `attack.kind: label-flip` the attacking sites' training labels are poisoned here, so every
     mode trains on the same (poisoned) sites."""
-    validate(config)
     if config.partition.scheme != "natural":
         check_sites(config, sites=config.partition.sites)  # before any data is read
     if config.data.path:

@@ -22,7 +22,7 @@ from medfed.common.dataset import load_splits, save_splits
 from medfed.common.processes import (
     Child, FlowerCommandError, executable, flower_env, flwr_json, free_port,
 )
-from medfed.server.superlink import write_app
+from medfed.server.flower_app import write_app
 
 FOREIGN_SERVER = '''
 import json, pathlib, time

@@ -16,7 +16,7 @@ from medfed.common.dataset import LabelledImages, load_splits, save_splits
 from medfed.common.errors import MedfedError
 from medfed.common.processes import free_port
 from medfed.server.certs import init_certs
-from medfed.server.superlink import parse_duration
+from medfed.server.study import parse_duration
 
 STUDY = {"data": {"classes": ["normal", "pneumonia"]}}
 
