@@ -32,6 +32,7 @@ from pathlib import Path
 import numpy as np
 import yaml
 
+from medfed.common.config import Config
 from medfed.common.processes import free_port
 from medfed.server.certs import init_certs
 
@@ -163,7 +164,6 @@ def one_message(data: Path, *, out: Path, backbone: str) -> dict:
     from medfed.client.app import app
     from medfed.common import messages as wire_messages
     from medfed.common import wire
-    from medfed.common.config import Config
     from medfed.common.config_checks import validate
     from medfed.common.model import build_model
     from medfed.common.schedule import HEAD
@@ -201,7 +201,7 @@ def main() -> None:
     parser.add_argument("what", choices=("messages", "memory", "one-message"))
     parser.add_argument("--images", type=int, default=500)
     parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--backbone", default="efficientnet_lite0")
+    parser.add_argument("--backbone", default=Config().model.backbone)
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--data", type=Path)
     args = parser.parse_args()

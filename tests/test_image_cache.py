@@ -194,3 +194,45 @@ def test_a_killed_process_leaves_nothing_that_is_used_and_its_leftovers_are_remo
     splits, _ = _load(folder, tmp_path / "state")
     assert sum(len(s) for s in splits.values()) == 24
     assert not abandoned.exists() and busy.exists()  # another process may still be writing it
+
+
+def test_the_site_app_decodes_at_its_first_message_only(tmp_path, decodes, medmnist_dir):
+    """Two training messages to medfed's real ClientApp, each as in a fresh process (nothing kept
+    in memory between them), on a folder of real BreastMNIST images."""
+    from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict
+    from flwr.supercore.task_identity import TaskIdentity
+
+    from medfed.client.app import app as client_app
+    from medfed.client.site_data import load_site
+    from medfed.common import messages, wire
+    from medfed.common.config import Config
+    from medfed.common.dataset import load_splits
+    from medfed.common.model import build_model
+    from medfed.common.schedule import HEAD
+    from tests.commands import TINY_WEIGHTS
+
+    TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 1, 0
+    test = load_splits(medmnist_dir / "breastmnist.npz")["test"]
+    for n in range(90):
+        write_png(tmp_path / "breast" / CLASSES[test.labels[n]] / f"{n}.png", test.images[n])
+    config = Config()
+    config.data.classes, config.data.image_size = list(CLASSES), 32
+    config.model.backbone, config.model.weights = "test_efficientnet", TINY_WEIGHTS
+    config.train.device, config.train.local_steps = "cpu", 2
+    model = build_model(config.model, num_classes=2, seed=config.seed)
+    keys = wire.exchanged_keys(model, bn=config.model.bn, stage=HEAD)
+    context = Context(run_id=1, node_id=1, state=RecordDict(), run_config={},
+                      node_config={"site": "hospital-a", "data-path": str(tmp_path / "breast"),
+                                   "state-dir": str(tmp_path / "state")})
+    for server_round in (1, 2):
+        load_site.cache_clear()  # a fresh ClientApp process remembers nothing
+        sent = messages.with_round_values(
+            ConfigRecord(), {**messages.round_config(config, classes=list(CLASSES), study="s"),
+                             "server-round": server_round}, lr=1e-3, stage=HEAD)
+        reply = client_app(Message(content=RecordDict({messages.ARRAYS: wire.to_record(model, keys),
+                                                       messages.CONFIG: sent}),
+                                   dst_node_id=1, message_type=MessageType.TRAIN), context)
+        assert not reply.has_error()
+        assert decodes["files"] == 90  # the first message decoded every file, the second none
+    assert reply.content["metrics"][messages.WEIGHT_KEY] == len(
+        image_cache._open(next((tmp_path / "state" / "images").iterdir()))["train"])
