@@ -33,9 +33,10 @@ from medfed.common.schedule import (
 )
 from medfed.server.checkpoint import CHECKPOINT, load_checkpoint, save_checkpoint
 from medfed.server.run_files import ERROR_FILE, NODES_FILE, PROGRESS_FILE
-from medfed.server.strategy import (
-    MedfedStrategy, RegisteredNodes, RoundRecord, make_flower_strategy, site_name,
-)
+from medfed.server.aggregation import make_flower_strategy
+from medfed.server.records import RoundRecord
+from medfed.server.sampling import RegisteredNodes, site_name
+from medfed.server.strategy import MedfedStrategy
 
 
 def run_server(

@@ -13,7 +13,7 @@ from medfed.common.document import Heading, Paragraph, Table, markdown_page
 from medfed.common.messages import EVALUATED_SPLITS, clean, label_histograms, split_metrics
 from medfed.common.metrics import SCALARS, format_number
 from medfed.common.versions import versions
-from medfed.server.strategy import RoundRecord
+from medfed.server.records import RoundRecord
 
 def site_summary(raw: dict) -> dict:
     histograms = label_histograms(raw)

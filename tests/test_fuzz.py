@@ -48,7 +48,9 @@ from medfed.common.messages import (
 from medfed.common.metrics import SCALARS
 from medfed.server.report import build_report, render_markdown
 from medfed.common.schedule import FINETUNE, HEAD, PlateauSchedule, Stages
-from medfed.server.strategy import MedfedStrategy, make_flower_strategy, site_name
+from medfed.server.aggregation import make_flower_strategy
+from medfed.server.sampling import site_name
+from medfed.server.strategy import MedfedStrategy
 from medfed.simulations.partition import partition
 
 

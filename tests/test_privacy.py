@@ -26,7 +26,8 @@ from medfed.common.dataset import load_splits, save_splits
 from medfed.common.errors import MedfedError
 from medfed.common.model import build_model, check_model
 from medfed.common.schedule import FINETUNE, HEAD, PlateauSchedule, Stages
-from medfed.server.strategy import MedfedStrategy, make_flower_strategy
+from medfed.server.aggregation import make_flower_strategy
+from medfed.server.strategy import MedfedStrategy
 from tests.commands import TINY_WEIGHTS
 from tests.conftest import evaluation_record
 

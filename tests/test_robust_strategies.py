@@ -14,7 +14,7 @@ from test_validation import good_updates, train_reply
 
 from medfed.common import wire
 from medfed.common.errors import MedfedError
-from medfed.server.strategy import make_flower_strategy
+from medfed.server.aggregation import make_flower_strategy
 
 
 def robust_round(name: str, *, sites: int, byzantine: int, replying: int | None = None):

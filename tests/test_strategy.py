@@ -14,7 +14,8 @@ from medfed.common.config import Config
 from medfed.common.messages import EVALUATION, round_config
 from medfed.common.model import build_model
 from medfed.common.schedule import FINETUNE, STAGES, PlateauSchedule, Stages
-from medfed.server.strategy import MedfedStrategy, make_flower_strategy
+from medfed.server.aggregation import make_flower_strategy
+from medfed.server.strategy import MedfedStrategy
 
 
 @pytest.fixture(autouse=True)

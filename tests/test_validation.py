@@ -22,7 +22,7 @@ from medfed.common.config_checks import validate
 from medfed.common.errors import MedfedError
 from medfed.server.app import _report_progress
 from medfed.server.report import build_report, render_markdown
-from medfed.server.strategy import RoundRecord
+from medfed.server.records import RoundRecord
 from medfed.server.validation import (
     RoundReference, content_problem, examples_problem, key_problem, norm_outliers,
 )
