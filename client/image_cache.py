@@ -1,10 +1,11 @@
-"""A site's images decoded once: memory-mapped arrays in its own state directory.
+"""A site's images decoded once: arrays on disk in its own state directory.
 
 Flower's SuperNode starts a fresh ClientApp process for every message, so whatever a site keeps
 only in memory is gone at the next one. A hospital folder of full-size DICOM radiographs would
 then be decoded, resized and split again twice per round. Instead the first message decodes the
-folder one file at a time into a memory-mapped array (resident memory does not grow with the
-folder), splits it, and writes one array per split; later messages open those arrays.
+folder one file at a time into an array on disk, splits it, and writes one array per split;
+later messages read those arrays a batch at a time (common/disk_images.py), so the site's
+resident memory does not grow with its folder.
 
 The cache lives under `<state-dir>/images/<key>/`, the key being a hash of everything the arrays
 depend on: each file's path, label, site, patient, size and modification time; the
@@ -31,14 +32,13 @@ import numpy as np
 
 from medfed.common.config import Config
 from medfed.common.dataset import SPLITS, LabelledImages
+from medfed.common.disk_images import DiskImages, DiskImagesWriter
 from medfed.common.errors import MedfedError, few
 from medfed.common.sources import Collection, Decoded, decode_resized, discover, load
 from medfed.common.splits import split_indices
 
 CACHE_VERSION = 1
 META = "meta.json"
-# Images copied from the decoded array into a split's array at a time (bounded memory).
-CHUNK = 256
 PARTIAL = ".partial-"
 # A partial cache nobody has written to for this long belongs to a process that was killed.
 ABANDONED_S = 3600.0
@@ -64,7 +64,7 @@ class Request:
 
 def site_splits(path: Path, *, request: Request, state_dir: Path, log=None
                 ) -> dict[str, LabelledImages]:
-    """The train/val/test splits of the folder or manifest at `path`, memory-mapped from the
+    """The train/val/test splits of the folder or manifest at `path`, read from the
     cache in `state_dir`, decoded into it first when it has none for these files and settings."""
     log = log if log is not None else sys.stderr
     collection = discover(path, classes=list(request.classes))
@@ -154,33 +154,35 @@ def _why_new(root: Path, wanted: dict) -> str:
 
 
 class _Pixels:
-    """Decoded images written into a memory-mapped file, one at a time. Grayscale until the first
-    colour image arrives; then every image is stored as RGB, grayscale repeated (the layout
+    """Decoded images written to disk one at a time. Grayscale until the first colour image
+    arrives; then every image is stored as RGB, grayscale repeated (the layout
     `common.sources.load` gives a mixed collection)."""
 
     def __init__(self, file: Path, *, count: int, size: int) -> None:
         self.file, self.count, self.size = file, count, size
-        self.array = np.lib.format.open_memmap(file, mode="w+", dtype=np.uint8,
-                                               shape=(count, size, size))
+        self.writer = DiskImagesWriter(file, count=count, shape=(size, size))
 
     def put(self, index: int, pixels: np.ndarray) -> None:
-        if pixels.ndim == 3 and self.array.ndim == 3:
+        if pixels.ndim == 3 and len(self.writer.shape) == 2:
             self._to_rgb(upto=index)
-        if pixels.ndim == 2 and self.array.ndim == 4:
+        if pixels.ndim == 2 and len(self.writer.shape) == 3:
             pixels = np.repeat(pixels[:, :, None], 3, axis=2)
-        self.array[index] = pixels
+        self.writer.put(index, pixels)
 
     def _to_rgb(self, *, upto: int) -> None:
-        gray = self.array
+        self.writer.close()
+        gray = DiskImages(self.file)
         rgb_file = self.file.with_name(f"rgb-{self.file.name}")
-        rgb = np.lib.format.open_memmap(rgb_file, mode="w+", dtype=np.uint8,
-                                        shape=(self.count, self.size, self.size, 3))
-        for start in range(0, upto, CHUNK):
-            rgb[start:min(upto, start + CHUNK)] = gray[start:min(upto, start + CHUNK), :, :, None]
+        rgb = DiskImagesWriter(rgb_file, count=self.count, shape=(self.size, self.size, 3))
+        for index in range(upto):
+            rgb.put(index, np.repeat(gray[index][:, :, None], 3, axis=2))
         del gray
-        self.array = None
         os.replace(rgb_file, self.file)
-        self.array = rgb
+        self.writer = rgb
+
+    def close(self) -> DiskImages:
+        self.writer.close()
+        return DiskImages(self.file)
 
 
 def _build(collection: Collection, *, request: Request, folder: Path, meta: dict, log) -> None:
@@ -188,25 +190,25 @@ def _build(collection: Collection, *, request: Request, folder: Path, meta: dict
     found = decode_resized(collection, image_size=request.image_size, frame=request.frame,
                            skip_bad=request.skip_bad, keep=pixels.put, log=log)
     _skipped(found, log=log)
-    labels = found.labels
-    positions = split_indices(labels, seed=request.seed, groups=found.patients, site=request.site)
+    decoded_images = pixels.close()
+    positions = split_indices(found.labels, seed=request.seed, groups=found.patients,
+                              site=request.site)
     for split in SPLITS:
         index = positions[split]
-        out = np.lib.format.open_memmap(folder / f"{split}-images.npy", mode="w+", dtype=np.uint8,
-                                        shape=(len(index), *pixels.array.shape[1:]))
-        for start in range(0, len(index), CHUNK):
-            out[start:start + CHUNK] = pixels.array[index[start:start + CHUNK]]
-        out.flush()
-        del out
-        np.save(folder / f"{split}-labels.npy", labels[index])
-    pixels.array = None
+        out = DiskImagesWriter(folder / f"{split}-images.npy", count=len(index),
+                               shape=decoded_images.shape[1:])
+        for place, image in enumerate(index):
+            out.put(place, decoded_images[int(image)])
+        out.close()
+        np.save(folder / f"{split}-labels.npy", found.labels[index])
+    del decoded_images
     (folder / "decoded.npy").unlink()
     # Written last: its presence is what makes the folder a cache.
     (folder / META).write_text(json.dumps(meta))
 
 
 def _open(folder: Path) -> dict[str, LabelledImages]:
-    return {split: LabelledImages(np.load(folder / f"{split}-images.npy", mmap_mode="r"),
+    return {split: LabelledImages(DiskImages(folder / f"{split}-images.npy"),
                                   np.load(folder / f"{split}-labels.npy"))
             for split in SPLITS}
 

@@ -55,7 +55,7 @@ def locate_site(node_config: dict, received: RoundConfig) -> tuple[str, Path]:
 def load_site(path: Path, *, config_json: str, classes: tuple[str, ...], site: str,
               state: Path) -> dict[str, LabelledImages]:
     """The site's train/val/test splits: an npz's own, or a folder's decoded once into the
-    site's `state` directory and memory-mapped from there (client/image_cache.py)."""
+    site's `state` directory and read from there (client/image_cache.py)."""
     if is_collection(path):
         request = Request.of(Config.from_json(config_json), classes=classes, site=site)
         return site_splits(path, request=request, state_dir=state)

@@ -91,7 +91,7 @@ class FrozenLayers:
         digest = hashlib.sha256(f"{CACHE_VERSION}|{views}|{config.seed if views else ''}".encode())
         digest.update(repr(sorted(vars(config.data).items())).encode())
         digest.update(self._frozen_weights)
-        # In slices: a site's images may be a memory-mapped array larger than its memory.
+        # In slices: a site's images may be an array on disk larger than its memory.
         for start in range(0, len(data.images), HASHED_IMAGES):
             digest.update(np.ascontiguousarray(data.images[start:start + HASHED_IMAGES]).tobytes())
         return digest.hexdigest()[:24]

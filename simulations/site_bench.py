@@ -160,6 +160,7 @@ def memory(out: Path, *, images: int, backbone: str) -> dict:
 
 def one_message(data: Path, *, out: Path, backbone: str) -> dict:
     from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict
+    from flwr.supercore.task_identity import TaskIdentity
 
     from medfed.client.app import app
     from medfed.common import messages as wire_messages
@@ -168,6 +169,8 @@ def one_message(data: Path, *, out: Path, backbone: str) -> dict:
     from medfed.common.model import build_model
     from medfed.common.schedule import HEAD
 
+    # What Flower sets in a real ClientApp process before it builds a message.
+    TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 1, 0
     config = Config()
     config.data.classes = list(CLASSES)
     config.data.image_size, config.model.backbone, config.train.device = 224, backbone, "cpu"

@@ -1,4 +1,4 @@
-"""A deployed site decodes its folder once: the memory-mapped cache in its state directory."""
+"""A deployed site decodes its folder once: the cache of arrays on disk in its state directory."""
 
 from __future__ import annotations
 
@@ -17,6 +17,7 @@ from medfed.client import image_cache
 from medfed.client.image_cache import Request, site_splits
 from medfed.common import sources
 from medfed.common.dataset import SPLITS, TransformedImages
+from medfed.common.disk_images import DiskImages, DiskImagesWriter
 from medfed.common.errors import MedfedError
 
 CLASSES = ("normal", "pneumonia")
@@ -70,14 +71,14 @@ def test_second_message_reads_the_cache_and_decodes_nothing(tmp_path, decodes):
     again, log = _load(folder, tmp_path / "state")
     assert decodes["files"] == 24 and log == ""
     _same(first, again)
-    assert isinstance(again["train"].images, np.memmap)
+    assert isinstance(again["train"].images, DiskImages)
     # Only the finished cache is left: no decoded scratch array, no partial folder.
     (cache,) = (tmp_path / "state" / "images").iterdir()
     assert sorted(p.name for p in cache.iterdir()) == sorted(
         ["meta.json"] + [f"{s}-{kind}.npy" for s in SPLITS for kind in ("images", "labels")])
 
 
-def test_memory_mapped_splits_give_the_batches_of_the_in_memory_path(tmp_path):
+def test_splits_on_disk_give_the_batches_of_the_in_memory_path(tmp_path):
     folder = _folder(tmp_path / "cxr", rgb_at=5)  # a colour image turns the whole set to RGB
     cached, _ = _load(folder, tmp_path / "state")
     loaded = sources.load(sources.discover(folder, classes=list(CLASSES)), image_size=16)
@@ -153,7 +154,7 @@ def test_full_disk_keeps_no_partial_cache_and_decodes_in_memory(tmp_path, monkey
     splits, log = _load(folder, state)
     assert "could not write the image cache" in log and "No space left on device" in log
     assert sum(len(s) for s in splits.values()) == 24
-    assert not isinstance(splits["train"].images, np.memmap)
+    assert isinstance(splits["train"].images, np.ndarray)
     # Nothing half-written remains; the previous cache is still there and still valid.
     (kept,) = (state / "images").iterdir()
     assert json.loads((kept / "meta.json").read_text())["settings"]["image_size"] == 12
@@ -236,3 +237,23 @@ def test_the_site_app_decodes_at_its_first_message_only(tmp_path, decodes, medmn
         assert decodes["files"] == 90  # the first message decoded every file, the second none
     assert reply.content["metrics"][messages.WEIGHT_KEY] == len(
         image_cache._open(next((tmp_path / "state" / "images").iterdir()))["train"])
+
+
+def test_images_on_disk_read_like_the_array_they_hold(tmp_path):
+    rng = np.random.default_rng(0)
+    array = rng.integers(0, 256, (7, 5, 4, 3), dtype=np.uint8)
+    writer = DiskImagesWriter(tmp_path / "x.npy", count=7, shape=(5, 4, 3))
+    for i in (3, 0, 6, 1, 5, 2, 4):  # any order
+        writer.put(i, array[i])
+    writer.close()
+    np.testing.assert_array_equal(np.load(tmp_path / "x.npy"), array)  # an ordinary .npy file
+    images = DiskImages(tmp_path / "x.npy")
+    assert (len(images), images.shape, images.ndim) == (7, (7, 5, 4, 3), 4)
+    for index in (2, -1, slice(1, 4), slice(None, None, 2), np.array([5, 0, 5]),
+                  array[:, 0, 0, 0] > 128, slice(6, 2)):
+        np.testing.assert_array_equal(images[index], array[index])
+    np.testing.assert_array_equal(np.asarray(images), array)
+    with pytest.raises(IndexError):
+        images[7]
+    with pytest.raises(ValueError, match="expected uint8"):
+        DiskImagesWriter(tmp_path / "y.npy", count=1, shape=(2, 2)).put(0, np.zeros((2, 3), np.uint8))
