@@ -23,8 +23,9 @@ import cv2
 import numpy as np
 
 from medfed.common.dataset import LabelledImages
+from medfed.common.decoded_image import DecodedImage, ImageReadError
 from medfed.common.errors import MedfedError
-from medfed.common.imaging import IMAGE_SUFFIXES, DecodedImage, ImageReadError, is_dicom, read_image
+from medfed.common.imaging import IMAGE_SUFFIXES, is_dicom, read_image
 from medfed.common.progress import tracked
 
 MANIFEST_SUFFIXES = (".csv",)

@@ -40,8 +40,9 @@ from imagefiles import write_dicom
 from medfed.common.config import Config
 from medfed.common.config_checks import comparison_plan, validate
 from medfed.common.config_loading import from_dict, load_yaml, parse_assignment, set_value
+from medfed.common.decoded_image import ImageReadError
 from medfed.common.errors import MedfedError
-from medfed.common.imaging import ImageReadError, is_dicom, read_image
+from medfed.common.imaging import is_dicom, read_image
 from medfed.common.messages import (
     EVALUATED_SPLITS, EVALUATION, WEIGHT_KEY, evaluation_metrics, round_config, split_metrics,
 )

@@ -21,7 +21,8 @@ from pydicom.encaps import encapsulate
 from pydicom.pixels import apply_color_lut, apply_modality_lut, get_decoder
 from pydicom.uid import JPEG2000, MPEG2MPML
 
-from medfed.common.imaging import IMAGE_SUFFIXES, ImageReadError, is_dicom, read_image
+from medfed.common.decoded_image import ImageReadError
+from medfed.common.imaging import IMAGE_SUFFIXES, is_dicom, read_image
 
 
 NO_PYDICOM_DATA = "pydicom-data is not installed (pip install pydicom-data)"
