@@ -23,9 +23,9 @@ from medfed.client.audit import AUDIT_ENV
 from medfed.client.data_check import check
 from medfed.common.dataset import SPLITS, load_splits
 from medfed.common.errors import MedfedError
-from medfed.common.processes import (
-    Child, Follower, check_tls_folder, executable, flower_env, free_port, shielded,
-)
+from medfed.common.flower_commands import check_tls_folder, executable, flower_env, free_port
+from medfed.common.interrupts import shielded
+from medfed.common.processes import Child, Follower
 from medfed.common.sources import is_collection
 
 # The site folder as `medfed certs init` writes it (server/certs.py; a test keeps the two equal).

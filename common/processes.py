@@ -1,54 +1,26 @@
-"""Flower's own programs (`flower-superlink`, `flower-supernode`, `flwr`) as supervised children.
+"""Flower's long-running programs (`flower-superlink`, `flower-supernode`, nginx) as supervised
+children, and the processes below medfed.
 
 medfed adds no transport of its own: deployment is these processes, started with the right flags,
-watched through their logs and exit codes, and stopped in order.
+watched through their logs and exit codes, and stopped in order; none outlives medfed.
 """
 
 from __future__ import annotations
 
 import ctypes
-import errno
-import json
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from pathlib import Path
-from typing import NoReturn
 
 from medfed.common.errors import MedfedError
 
-BIN = Path(sys.executable).parent
 ANSI = re.compile(r"\x1b\[[0-9;]*m")
-
-
-def flower_env(**extra: str) -> dict[str, str]:
-    """The environment of every Flower child process.
-
-    Flower starts further programs by name (`flower-superexec`, `flwr-serverapp`,
-    `flwr-clientapp`), so this environment's own bin folder comes first on PATH. Telemetry and
-    the update check are off: a hospital's node must not contact anyone but its SuperLink."""
-    return {
-        **os.environ,
-        "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
-        "FLWR_TELEMETRY_ENABLED": "0",
-        "FLWR_DISABLE_UPDATE_CHECK": "1",
-        **extra,
-    }
-
-
-def executable(name: str) -> str:
-    path = BIN / name
-    if not path.is_file():
-        raise MedfedError(f"{name} is not installed beside this Python ({BIN}); reinstall medfed "
-                          f"with its dependencies (pip install -e .)")
-    return str(path)
 
 
 # prctl(2) option: the signal the kernel sends this process when its parent dies.
@@ -246,73 +218,6 @@ class Follower:
         return [ANSI.sub("", line) for line in complete.decode(errors="replace").splitlines()]
 
 
-def interrupt_on_sigterm() -> None:
-    """Make SIGTERM (docker stop, systemd, kill) end medfed as Ctrl-C does, so the Flower
-    processes it started are stopped in order instead of being orphaned. SIGINT too, always:
-    a process started in the background by a shell without job control (`medfed client &`,
-    `nohup`, some supervisors) inherits SIGINT ignored, and Python then leaves it ignored, so
-    Ctrl-C or `kill -INT` would never stop it."""
-    def interrupt(signum, frame):
-        raise KeyboardInterrupt
-    signal.signal(signal.SIGTERM, interrupt)
-    signal.signal(signal.SIGINT, interrupt)
-
-
-# The processes below this one when the first Ctrl-C arrived (see `interrupt_once`).
-_BELOW_AT_INTERRUPT: dict[int, str] = {}
-
-
-@contextmanager
-def interrupt_once(message: str, *, code: int = 130,
-                   on_interrupt: Callable[[], None] | None = None) -> Iterator[None]:
-    """Within the block, the first Ctrl-C raises KeyboardInterrupt as usual; a second one, while
-    the first is still being handled, prints `message` and ends the process at once with `code`
-    (no "Exception ignored" noise from inside a half-finished shutdown, and never a wait on a
-    hung one). Handle the KeyboardInterrupt inside the block.
-
-    The first one also notes the processes below this one then (Ray's), which libraries may
-    orphan while they unwind: `stop_descendants` ends them; and it calls `on_interrupt` first
-    (e.g. to silence a library's errors about its work being cut short)."""
-    def interrupt(signum, frame):
-        signal.signal(signal.SIGINT, _exit_handler(message, code))
-        _BELOW_AT_INTERRUPT.update(descendants(os.getpid()))
-        if on_interrupt is not None:
-            on_interrupt()
-        raise KeyboardInterrupt
-    previous = signal.signal(signal.SIGINT, interrupt)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGINT, previous)
-
-
-def _exit_handler(message: str, code: int) -> Callable[..., None]:
-    line = (message + "\n").encode(errors="replace")
-
-    def handler(*_) -> None:
-        try:
-            os.write(2, line)
-        finally:
-            os._exit(code)
-    return handler
-
-
-def stop_descendants(*, timeout: float = 10.0) -> None:
-    """End what this process started: shut Ray down if it runs here (waiting at most `timeout`),
-    then wait up to 3 s for every process below this one, now or at the first Ctrl-C, and
-    SIGKILL what is left.
-
-    After `ray.shutdown` (which Flower's Simulation Engine also calls as it unwinds) Ray's
-    workers notice the raylet gone only seconds later, later still when busy training."""
-    processes = {**_BELOW_AT_INTERRUPT, **descendants(os.getpid())}
-    ray = sys.modules.get("ray")
-    if ray is not None and getattr(ray, "is_initialized", lambda: False)():
-        stopper = threading.Thread(target=ray.shutdown, daemon=True)
-        stopper.start()
-        stopper.join(timeout)
-    end_processes(processes, grace=3.0)
-
-
 def descendants(root: int) -> dict[int, str]:
     """The processes below `root` now, as PID -> start time (to tell a reused PID apart);
     empty where /proc is not available."""
@@ -386,48 +291,6 @@ def end_processes(processes: dict[int, str], *, grace: float) -> None:
             pass
 
 
-def exit_now(message: str, *, code: int, cleanup: Callable[[], None] | None = None) -> NoReturn:
-    """Print `message` on stderr and end the process with `code` without waiting for its threads.
-
-    For an interrupted simulation: Flower's Simulation Engine leaves non-daemon threads behind
-    (the ServerApp's, waiting for replies for up to the round timeout; the engine's workers,
-    blocked in `ray.get` on actors that are gone) and a normal exit would join them. Nothing is
-    lost by not waiting: checkpoints are written atomically, and an unfinished simulation's
-    files stay in its `<out>.incomplete/`, which is named as such."""
-    try:
-        if threading.current_thread() is threading.main_thread():
-            # Another Ctrl-C while cleaning up: stop waiting, end now.
-            signal.signal(signal.SIGINT, _exit_handler(message, code))
-        if cleanup is not None:
-            try:
-                cleanup()
-            except Exception:  # the process ends either way; the message must still show
-                pass
-        for stream in (sys.stdout, sys.stderr):
-            try:
-                stream.flush()
-            except (OSError, ValueError):
-                pass
-        try:
-            print(message, file=sys.stderr, flush=True)
-        except (OSError, ValueError):
-            pass
-    finally:
-        os._exit(code)
-
-
-@contextmanager
-def shielded() -> Iterator[None]:
-    """Ignore Ctrl-C and SIGTERM for a block: a second signal must not cut a shutdown short and
-    leave a Flower process behind."""
-    previous = {s: signal.signal(s, signal.SIG_IGN) for s in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        yield
-    finally:
-        for number, handler in previous.items():
-            signal.signal(number, handler)
-
-
 def tail(path: Path, lines: int = 15, *, start: int = 0) -> str:
     if not path.exists():
         return ""
@@ -435,70 +298,6 @@ def tail(path: Path, lines: int = 15, *, start: int = 0) -> str:
         handle.seek(max(start, path.stat().st_size - 20_000))
         text = handle.read().decode(errors="replace")
     return "\n".join(ANSI.sub("", text).splitlines()[-lines:])
-
-
-def check_port_free(host: str, port: int, *, option: str) -> None:
-    """Refuse a port another program holds, naming it, before a Flower process fails on it."""
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    with socket.socket(family, socket.SOCK_STREAM) as probe:
-        # As uvicorn does: a port left in TIME_WAIT by a previous run is free to bind.
-        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            probe.bind((host, port))
-        except OSError as exc:
-            if exc.errno == errno.EADDRINUSE:
-                raise MedfedError(f"port {port} on {host} is already in use (another SuperLink or "
-                                  f"program?); stop it or choose another {option}") from None
-            raise MedfedError(f"cannot listen on {host}:{port} ({exc.strerror}); check {option}") from None
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
-        probe.bind((host, 0))
-        return probe.getsockname()[1]
-
-
-def flwr_json(args: list[str], *, flwr_home: Path, timeout: float) -> dict:
-    """Run one `flwr ... --format json` command; its JSON answer, or FlowerCommandError with
-    Flower's own message (`flwr` exits 0 even when the answer says it failed)."""
-    command = [executable("flwr"), *args, "--format", "json"]
-    try:
-        done = subprocess.run(command, capture_output=True, text=True, timeout=timeout,
-                              env=flower_env(FLWR_HOME=str(flwr_home)), stdin=subprocess.DEVNULL)
-    except subprocess.TimeoutExpired:
-        raise FlowerCommandError(f"`flwr {args[0]}` got no answer from the SuperLink within "
-                                 f"{timeout:.0f} s") from None
-    start = done.stdout.find("{")
-    try:
-        answer = json.loads(done.stdout[start:]) if start >= 0 else None
-    except json.JSONDecodeError:
-        answer = None
-    if not isinstance(answer, dict):
-        detail = ANSI.sub("", (done.stderr or done.stdout).strip()).splitlines()
-        raise FlowerCommandError(f"`flwr {' '.join(args[:2])}` failed (exit {done.returncode}): "
-                                 f"{detail[-1] if detail else 'no output'}")
-    if not answer.get("success", False):
-        message = ANSI.sub("", str(answer.get("error-message", "no reason given")))
-        raise FlowerCommandError(" ".join(m for m in message.splitlines()
-                                          if m.strip() and not m.startswith("Using SuperLink")))
-    return answer
-
-
-class FlowerCommandError(MedfedError):
-    """`flwr` did not do what was asked: no answer, or a refusal (Flower's message is the text)."""
-
-
-def check_tls_folder(certs: Path | None, *, insecure: bool, needed: tuple[str, ...], hint: str) -> None:
-    """`--certs` and `--insecure` exclude each other; a TLS connection needs its files."""
-    if insecure:
-        if certs is not None:
-            raise MedfedError("--insecure means no TLS; leave out --certs (or drop --insecure)")
-        return
-    if certs is None:
-        raise MedfedError(f"--certs is required: {hint}; plaintext only with --insecure")
-    missing = [name for name in needed if not (certs / name).is_file()]
-    if missing:
-        raise MedfedError(f"{certs} lacks {', '.join(missing)}; {hint}")
 
 
 if __name__ == "__main__" and sys.argv[1:2] == ["--watch"]:

@@ -18,7 +18,8 @@ import shutil
 from pathlib import Path
 
 from medfed.common.errors import MedfedError
-from medfed.common.processes import Child, flower_env
+from medfed.common.flower_commands import flower_env
+from medfed.common.processes import Child
 from medfed.server.certs import CA_CERT, SERVER_CERT, SERVER_KEY
 
 # What the sites' SuperNodes call (`/v1/fleet/pull-messages`, ...); Flower's SuperNode uses

@@ -15,7 +15,7 @@ from medfed.common.config import Config
 from medfed.common.config_checks import check_deployment, study_classes, validate
 from medfed.common.config_loading import load_yaml, parse_assignment, set_value
 from medfed.common.errors import MedfedError
-from medfed.common.processes import check_tls_folder
+from medfed.common.flower_commands import check_tls_folder
 from medfed.server.certs import CA_CERT, SERVER_CERT, SERVER_KEY, read_sites
 from medfed.server.proxy import nginx_executable
 from medfed.server.run_files import CONFIG_FILE

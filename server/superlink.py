@@ -26,10 +26,11 @@ import yaml
 
 from medfed.common.errors import MedfedError
 from medfed.common.files import write_json
-from medfed.common.processes import (
-    Child, FlowerCommandError, Follower, check_port_free, executable, flower_env, flwr_json,
-    free_port, shielded, tail,
+from medfed.common.flower_commands import (
+    FlowerCommandError, check_port_free, executable, flower_env, flwr_json, free_port,
 )
+from medfed.common.interrupts import shielded
+from medfed.common.processes import Child, Follower, tail
 from medfed.server.certs import CA_CERT, SERVER_CERT, SERVER_KEY
 from medfed.server.flower_app import CONNECTION, write_app, write_connection
 from medfed.server.proxy import start_proxy

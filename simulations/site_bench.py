@@ -33,7 +33,7 @@ import numpy as np
 import yaml
 
 from medfed.common.config import Config
-from medfed.common.processes import free_port
+from medfed.common.flower_commands import free_port
 from medfed.server.certs import init_certs
 
 SITES = ("hospital-a", "hospital-b", "hospital-c")

@@ -19,9 +19,10 @@ from flwr.cli.build import build_fab_from_disk
 
 from medfed.client.app_guard import REFUSED, ForeignApp, check_bundle
 from medfed.common.dataset import load_splits, save_splits
-from medfed.common.processes import (
-    Child, FlowerCommandError, executable, flower_env, flwr_json, free_port,
+from medfed.common.flower_commands import (
+    FlowerCommandError, executable, flower_env, flwr_json, free_port,
 )
+from medfed.common.processes import Child
 from medfed.server.flower_app import write_app
 
 FOREIGN_SERVER = '''

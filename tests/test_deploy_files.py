@@ -30,7 +30,7 @@ from medfed.cli.main import app
 from medfed.common.config_checks import study_classes, validate
 from medfed.common.config_loading import load_yaml
 from medfed.common.errors import MedfedError
-from medfed.common.processes import free_port
+from medfed.common.flower_commands import free_port
 from medfed.server import proxy
 from medfed.server.certs import CA_CERT, SERVER_CERT, SERVER_KEY, init_certs
 

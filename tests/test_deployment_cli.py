@@ -14,7 +14,7 @@ from commands import MEDFED
 
 from medfed.common.dataset import LabelledImages, load_splits, save_splits
 from medfed.common.errors import MedfedError
-from medfed.common.processes import free_port
+from medfed.common.flower_commands import free_port
 from medfed.server.certs import init_certs
 from medfed.server.study import parse_duration
 

@@ -31,7 +31,7 @@ from commands import MEDFED, TINY_WEIGHTS
 from medfed.common import messages
 from medfed.common.dataset import SPLITS, LabelledImages, load_splits, save_splits
 from medfed.common.metrics import SCALARS
-from medfed.common.processes import FlowerCommandError, flwr_json, free_port
+from medfed.common.flower_commands import FlowerCommandError, flwr_json, free_port
 from medfed.common.errors import MedfedError
 from medfed.server.certs import init_certs
 from medfed.server.proxy import nginx_executable

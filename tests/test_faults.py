@@ -20,7 +20,8 @@ import pytest
 import yaml
 from commands import MEDFED, TINY, TINY_WEIGHTS
 
-from medfed.common.processes import alive, descendants, free_port
+from medfed.common.flower_commands import free_port
+from medfed.common.processes import alive, descendants
 
 linux_only = pytest.mark.skipif(not sys.platform.startswith("linux"),
                                 reason="PR_SET_PDEATHSIG and /proc are Linux's")
@@ -83,7 +84,8 @@ def test_child_dies_when_medfed_is_killed(tmp_path):
     parent = _parent(f"""
         import time
         from pathlib import Path
-        from medfed.common.processes import Child, flower_env
+        from medfed.common.flower_commands import flower_env
+        from medfed.common.processes import Child
         child = Child(["sleep", "60"], log=Path({str(tmp_path / "sleep.log")!r}), env=flower_env())
         print(child.process.pid, flush=True)
         time.sleep(60)
@@ -112,7 +114,8 @@ def test_what_a_child_started_in_a_session_of_its_own_dies_too(tmp_path):
     parent = _parent(f"""
         import time
         from pathlib import Path
-        from medfed.common.processes import Child, descendants, flower_env
+        from medfed.common.flower_commands import flower_env
+        from medfed.common.processes import Child, descendants
         child = Child(["sh", "-c", "setsid sleep 60 & wait"], log=Path({str(tmp_path / "sh.log")!r}),
                       env=flower_env())
         while not any(Path(f"/proc/{{pid}}/cmdline").read_bytes().startswith(b"sleep")
