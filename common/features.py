@@ -54,8 +54,10 @@ def classifier_inputs(model: nn.Module, images: torch.Tensor) -> torch.Tensor:
 
 def compute(model: nn.Module, data: LabelledImages, *, transform, batch_size: int,
             device: torch.device) -> np.ndarray:
+    # The training batch size, not more: at 224 px a batch of 64 through the backbone costs a
+    # site about 1.4 GB on top of its 0.9 GB of libraries and model, a batch of 32 about 0.8 GB.
     loader = torch.utils.data.DataLoader(TransformedImages(data, transform),
-                                         batch_size=batch_size * 2, shuffle=False,
+                                         batch_size=batch_size, shuffle=False,
                                          **loader_options(device))
     place_model(model, device)
     chunks = []

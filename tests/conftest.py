@@ -87,3 +87,14 @@ def tiny_images() -> LabelledImages:
     images = rng.integers(0, 256, size=(8, 28, 28), dtype=np.uint8)
     labels = np.array([0, 1] * 4, dtype=np.int64)
     return LabelledImages(images, labels)
+
+
+# The files that take longest, started first: `make test` runs two xdist workers, each taking
+# whole files in this order, and a long file started last would run on alone at the end.
+LONGEST_FIRST = ("test_deployment_e2e.py", "test_resume.py", "test_compare.py", "test_bench.py",
+                 "test_simulate_e2e.py", "test_attacks.py", "test_simulate_data.py")
+
+
+def pytest_collection_modifyitems(items) -> None:
+    rank = {name: place for place, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(LONGEST_FIRST)))
