@@ -16,6 +16,7 @@ from pathlib import Path
 
 from medfed.common.progress import tracked
 from medfed.common.sources import Problem, decoded, discover
+from medfed.common.splits import GROUP_FOLDS
 
 # Fewer readable images than this in a class cannot give it a place in train, val and test.
 MIN_PER_CLASS = 10
@@ -34,6 +35,7 @@ def check(path: str | Path, *, classes: list[str] | None = None, frame: int | No
     patients: dict[str, set[str]] = defaultdict(set)
     patient_sites: dict[str, set[str]] = defaultdict(set)
     patient_source = "manifest patient_id" if any(r.patient_id for r in collection.records) else None
+    with_patient = 0
     files = tracked(decoded(collection, frame=frame), what=f"checking {collection.root.name}",
                     total=len(collection.records))
     for record, result in files:
@@ -56,6 +58,7 @@ def check(path: str | Path, *, classes: list[str] | None = None, frame: int | No
             for key in dicom:
                 dicom[key][str(info.get(key))] += 1
         patient = record.patient_id or info.get("patient_id")
+        with_patient += bool(patient)
         if patient:
             patient_source = patient_source or "DICOM PatientID"
             patients[patient].add(record.label)
@@ -75,6 +78,12 @@ def check(path: str | Path, *, classes: list[str] | None = None, frame: int | No
         warnings.append(f"classes with fewer than {MIN_PER_CLASS} images cannot be represented in "
                         f"train, validation and test: {', '.join(small)}")
 
+    # Training splits by patient once any image names one (an image without is its own patient).
+    split_units = len(patients) + readable - with_patient
+    if patients and split_units < GROUP_FOLDS:
+        errors.append(f"images of only {split_units} patient(s); a patient-level train/val/test "
+                      f"split needs at least {GROUP_FOLDS}: add data, or drop the patient ids if "
+                      f"every image really is a different patient")
     duplicates = [group for group in by_hash.values() if len(group) > 1]
     conflicting = [group for group in duplicates if len({label for _, label in group}) > 1]
     if conflicting:

@@ -2,7 +2,8 @@
 
 `messages`: a real loopback deployment — `medfed server start` (SuperLink behind nginx, TLS,
 SuperNode authentication) and three `medfed client` processes — where every site holds real
-DICOM radiographs (hard links to pydicom-data's CR files, so the disk holds each file once).
+DICOM radiographs (hard links to pydicom-data's CR files, so the disk holds each file once,
+listed in a CSV manifest that makes each copy its own patient).
 From each site's audit log (the ClientApp process's life per message) and the server's report
 (the seconds spent in optimization steps) it gives the time a site spends per message outside
 training, first round against later rounds.
@@ -52,14 +53,20 @@ def _link(source: Path, target: Path) -> None:
 
 
 def radiograph_folder(root: Path, *, images: int) -> Path:
+    """A CSV manifest over the copies: each its own patient (the copies of one file share its
+    PatientID, and a site splits by patient)."""
     from pydicom.data import get_testdata_file
 
     sources = [Path(p) for name in RADIOGRAPHS if (p := get_testdata_file(name, download=False))]
     if not sources:
         raise SystemExit("pydicom-data is not installed (pip install pydicom-data)")
+    rows = ["path,label,patient_id"]
     for i in range(images):
-        _link(sources[i % len(sources)], root / CLASSES[i % 2] / f"{i:05d}.dcm")
-    return root
+        name = f"{CLASSES[i % 2]}/{i:05d}.dcm"
+        _link(sources[i % len(sources)], root / name)
+        rows.append(f"{name},{CLASSES[i % 2]},P{i:05d}")
+    (root / "manifest.csv").write_text("\n".join(rows) + "\n")
+    return root / "manifest.csv"
 
 
 def messages(out: Path, *, images: int, rounds: int, backbone: str) -> dict:

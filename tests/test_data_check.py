@@ -118,3 +118,16 @@ def test_missing_path_is_one_clear_error(tmp_path):
     assert result.stderr.startswith("error: ") and "does not exist" in result.stderr
     assert "Traceback" not in result.stderr
     assert not (tmp_path / "data-check.json").exists()
+
+
+def test_too_few_patients_for_a_patient_level_split_is_not_usable(tmp_path):
+    """Copies of one radiograph share its PatientID: training would refuse to split them, so the
+    check, which `medfed client` runs before joining, says so first."""
+    data = pytest.importorskip("pydicom.data")
+    for i in range(10):
+        folder = tmp_path / "cr" / ("normal" if i % 2 else "pneumonia")
+        folder.mkdir(parents=True, exist_ok=True)
+        shutil.copy(data.get_testdata_file("RG3_J2KI.dcm"), folder / f"{i}.dcm")
+    summary = check(tmp_path / "cr")
+    assert not summary["usable"]
+    assert any("only 1 patient(s)" in e and "at least 7" in e for e in summary["errors"])
