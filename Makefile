@@ -22,4 +22,4 @@ demo: install
 	$(DATA_ENV) $(BIN)/medfed simulate --dataset breastmnist --resolution 64
 
 test: install
-	$(DATA_ENV) $(BIN)/python -m pytest -q --durations=20 -n 2 --dist loadfile
+	$(DATA_ENV) $(BIN)/python -m pytest -q --durations=20 -n 2 --dist loadfile --no-loadscope-reorder

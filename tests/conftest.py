@@ -90,7 +90,8 @@ def tiny_images() -> LabelledImages:
 
 
 # The files that take longest, started first: `make test` runs two xdist workers, each taking
-# whole files in this order, and a long file started last would run on alone at the end.
+# whole files in this order (`--no-loadscope-reorder`: xdist would otherwise start the files
+# with most tests first), and a long file started last would run on alone at the end.
 LONGEST_FIRST = ("test_deployment_e2e.py", "test_resume.py", "test_compare.py", "test_bench.py",
                  "test_simulate_e2e.py", "test_attacks.py", "test_simulate_data.py")
 
