@@ -40,6 +40,13 @@ class DiskImages:
     dtype = DTYPE
 
     @property
+    def identity(self) -> bytes:
+        """What names these images without reading them: the file, its size and modification
+        time (a site's cache file is written once, under a key of its sources, and never edited)."""
+        stat = self.file.stat()
+        return f"{self.file.resolve()}|{stat.st_size}|{stat.st_mtime_ns}".encode()
+
+    @property
     def ndim(self) -> int:
         return len(self.shape)
 

@@ -25,14 +25,14 @@ from torch import nn
 
 from medfed.common.config import Config
 from medfed.common.dataset import LabelledImages, TransformedImages
-from medfed.common.files import write_bytes_atomic
 from medfed.common.device import autocast, loader_options, place_batch, place_model
+from medfed.common.disk_images import DiskImages
+from medfed.common.files import write_bytes_atomic
 from medfed.common.model import classifier_keys
 from medfed.common.progress import Progress
 from medfed.common.transforms import build_transform
 
 CACHE_VERSION = 1
-HASHED_IMAGES = 1024
 
 
 def classifier(model: nn.Module) -> nn.Module:
@@ -93,9 +93,11 @@ class FrozenLayers:
         digest = hashlib.sha256(f"{CACHE_VERSION}|{views}|{config.seed if views else ''}".encode())
         digest.update(repr(sorted(vars(config.data).items())).encode())
         digest.update(self._frozen_weights)
-        # In slices: a site's images may be an array on disk larger than its memory.
-        for start in range(0, len(data.images), HASHED_IMAGES):
-            digest.update(np.ascontiguousarray(data.images[start:start + HASHED_IMAGES]).tobytes())
+        if isinstance(data.images, DiskImages):
+            # A site's decoded-image cache: named by its file, not read again at every message.
+            digest.update(data.images.identity)
+        else:
+            digest.update(np.ascontiguousarray(data.images).tobytes())
         return digest.hexdigest()[:24]
 
     def features(self, data: LabelledImages, *, train: bool,

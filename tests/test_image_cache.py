@@ -235,6 +235,11 @@ def test_the_site_app_decodes_at_its_first_message_only(tmp_path, decodes, medmn
                                    dst_node_id=1, message_type=MessageType.TRAIN), context)
         assert not reply.has_error()
         assert decodes["files"] == 90  # the first message decoded every file, the second none
+        features = sorted((tmp_path / "state" / "features").iterdir())
+        if server_round == 1:
+            first_features = features
+    # The second message found the first one's frozen features under the same names.
+    assert features == first_features and len(features) == 3
     assert reply.content["metrics"][messages.WEIGHT_KEY] == len(
         image_cache._open(next((tmp_path / "state" / "images").iterdir()))["train"])
 
