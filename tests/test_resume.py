@@ -55,30 +55,44 @@ def _stop_in_round_3(line: str) -> None:
         raise Stop(line)
 
 
-def test_resumed_run_equals_uninterrupted_run(prepared, tmp_path):
-    whole_report, whole = _run(prepared, tmp_path / "whole", rounds=4)
+@pytest.fixture(scope="module")
+def whole(prepared, tmp_path_factory):
+    """An uninterrupted 4-round run, shared by the tests that read it (each run starts Ray)."""
+    return _run(prepared, tmp_path_factory.mktemp("whole"), rounds=4)
+
+
+@pytest.fixture(scope="module")
+def split(prepared, tmp_path_factory):
+    """The same run stopped in round 3 and resumed: its directory, checkpoint round and result."""
+    run_dir = tmp_path_factory.mktemp("split")
     with pytest.raises(Stop):
-        _run(prepared, tmp_path / "split", rounds=4, progress=_stop_in_round_3)
-    assert load_checkpoint(tmp_path / "split", config_json=_config(prepared, 4).to_json())["round"] == 2
-    resumed_report, resumed = _run(prepared, tmp_path / "split", rounds=4, resume=True)
+        _run(prepared, run_dir, rounds=4, progress=_stop_in_round_3)
+    stopped_at = load_checkpoint(run_dir, config_json=_config(prepared, 4).to_json())["round"]
+    return run_dir, stopped_at, _run(prepared, run_dir, rounds=4, resume=True)
+
+
+def test_resumed_run_equals_uninterrupted_run(whole, split):
+    whole_report, whole_model = whole
+    _, stopped_at, (resumed_report, resumed) = split
+    assert stopped_at == 2
     assert resumed_report["timing"]["resumed_from_round"] == 2
     assert [r["round"] for r in resumed_report["rounds"]] == [1, 2, 3, 4]
-    assert resumed.keys() == whole.keys()
-    for key in whole:
-        assert torch.equal(resumed[key], whole[key]), key
+    assert resumed.keys() == whole_model.keys()
+    for key in whole_model:
+        assert torch.equal(resumed[key], whole_model[key]), key
     assert resumed_report["final"]["global"] == whole_report["final"]["global"]
 
 
-def test_resume_refuses_another_study(prepared, tmp_path):
-    _run(prepared, tmp_path / "run", rounds=1)
+def test_resume_refuses_another_study(prepared, split, tmp_path):
+    run_dir = split[0]
     data, _ = prepared
     other = copy.deepcopy(data.config)
     other.train.lr = 0.5
     with pytest.raises(MedfedError, match="another config"):
-        load_checkpoint(tmp_path / "run", config_json=other.to_json())
+        load_checkpoint(run_dir, config_json=other.to_json())
     with pytest.raises(MedfedError, match="does not exist"):
         load_checkpoint(tmp_path / "nothing", config_json=other.to_json())
-    assert (tmp_path / "run" / CHECKPOINT).is_file()
+    assert (run_dir / CHECKPOINT).is_file()
 
 
 def _config(prepared, rounds):
@@ -88,8 +102,8 @@ def _config(prepared, rounds):
     return config
 
 
-def test_each_stage_sends_its_own_keys_and_the_report_counts_them(prepared, tmp_path):
-    report, _ = _run(prepared, tmp_path / "run", rounds=4)
+def test_each_stage_sends_its_own_keys_and_the_report_counts_them(prepared, whole):
+    report, _ = whole
     config = _config(prepared, 4)
     model = build_model(config.model, num_classes=2, seed=config.seed)
     payload = {stage: wire.record_bytes(wire.to_record(model, wire.exchanged_keys(
