@@ -14,7 +14,7 @@ import typer
 
 from medfed.cli.errors import fail
 from medfed.common.config import Config
-from medfed.common.config_checks import validate
+from medfed.common.config_checks import resolve
 from medfed.common.config_loading import load_yaml, parse_assignment, set_value
 from medfed.common.errors import MedfedError
 
@@ -125,14 +125,14 @@ INTERRUPTED = "interrupted; nothing is left running"
 
 
 def resolve_config(path: Optional[Path], options: dict, assignments: list[str]) -> Config:
-    """Defaults, then the YAML file, then the options, then --set; validated here, the one
-    place, before torch and Flower load: a bad value is answered at once."""
+    """Defaults, then the YAML file, then the options, then --set; validated and resolved here,
+    the one place: a bad value is answered at once, before torch and Flower load."""
     resolved = load_yaml(path) if path else Config()
     for name, value in options.items():
         set_value(resolved, OPTION_KEYS[name], value, origin=f"--{name.replace('_', '-')}")
     for assignment in assignments:
         set_value(resolved, *parse_assignment(assignment))
-    return validate(resolved)
+    return resolve(resolved)
 
 
 def bench(

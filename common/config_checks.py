@@ -1,9 +1,11 @@
-"""Checking a Config: every value that needs neither the data nor the model (`validate`), what
+"""Checking a Config: every value that needs neither the data nor the model (`validate`), the
+values derived from others (`resolve`), what
 depends on the number of sites once it is known, a deployed study's extra rules, and the values
 parsed from the config's comma-separated and named forms."""
 
 from __future__ import annotations
 
+import copy
 from typing import Any
 
 from medfed.common.config import (
@@ -119,6 +121,19 @@ def validate(config: Config) -> Config:
     _check(bool(fractions) and all(0 < x <= 1 for x in fractions), "evidence.train_fractions",
            e.train_fractions, "comma-separated numbers in (0, 1]")
     return config
+
+
+def resolve(config: Config) -> Config:
+    """A validated copy with every value derived from others decided, once, here: the rest of
+    medfed reads it and never edits it. `data.image_size` defaults to the backbone's own input
+    size, so the server, every site and every mode resize alike. (The sites of a natural
+    partition come from the data, and the stages' split from `Stages.of_config`.)"""
+    resolved = copy.deepcopy(validate(config))
+    if resolved.data.image_size is None:
+        from medfed.common.model import native_input_size  # timm: seconds, so after the checks
+
+        resolved.data.image_size = native_input_size(resolved.model.backbone)
+    return resolved
 
 
 def check_sites(config: Config, *, sites: int, sampled: int | None = None,

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from medfed.common.config import Config
-from medfed.common.config_checks import check_deployment, study_classes, validate
+from medfed.common.config_checks import check_deployment, resolve, study_classes, validate
 from medfed.common.config_loading import load_yaml, parse_assignment, set_value
 from medfed.common.errors import MedfedError
 from medfed.common.flower_commands import check_tls_folder
@@ -94,12 +94,9 @@ def prepare(*, config_file: Path | None, assignments: list[str], certs: Path | N
         raise MedfedError(f"--port {port}: must be between 1 and 65535")
     nginx_executable()
     wait_s = parse_duration(wait, option="--wait-sites")
-    from medfed.common.model import check_model, native_input_size  # timm: seconds, so last
+    from medfed.common.model import check_model  # timm: seconds, so last
 
-    if config.data.image_size is None:
-        # Hospital images go to the backbone's own input size unless the study says otherwise;
-        # fixed here so the server and every site resize the same way.
-        config.data.image_size = native_input_size(config.model.backbone)
+    config = resolve(config)  # the image size the server and every site resize to, fixed here
     check_model(config.model, num_classes=len(classes), image_size=config.data.image_size,
                 seed=config.seed, dp=config.privacy.dp)
     if resume is None:

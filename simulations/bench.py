@@ -66,7 +66,7 @@ def bench(config: Config, *, seeds: list[int], out: Path, against: str = "full-m
         save_sites(prepared, sites_dir)
         for name, recipe in recipes.items():
             run_config = copy.deepcopy(recipe)
-            run_config.seed, run_config.data.image_size = seed, prepared.config.data.image_size
+            run_config.seed = seed
             progress(f"== seed {seed}: {name}")
             started = time.perf_counter()
             report = run_federation(prepared, run_config, run_dir=staging / f"seed-{seed}" / name,

@@ -50,15 +50,17 @@ class Interrupted(KeyboardInterrupt):
 
 
 def simulate(config: Config, *, progress=print, verbose: bool = False) -> tuple[Path, dict]:
-    """Run the comparison of a validated config; Ctrl-C once `<out>.incomplete` exists raises
-    `Interrupted`."""
+    """Run the comparison of a resolved config (`config_checks.resolve`); Ctrl-C once
+    `<out>.incomplete` exists raises `Interrupted`."""
     modes, seeds, fractions = comparison_plan(config)
     folds = config.evidence.folds
     fold_list = [(i, folds) for i in range(folds)] if folds else [None]
     first_config = copy.deepcopy(config)
     first_config.seed = seeds[0]
     first = prepare(first_config, fold=fold_list[0])
-    config.data.image_size = first.config.data.image_size
+    # What config.yaml and the report record: the sites found (a natural partition's come from
+    # the data) and where the comparison went.
+    config = copy.deepcopy(config)
     config.partition.sites = len(first.sites)
     out = Path(config.out) if config.out else _default_out(config)
     staging = claim_run_dir(out)  # refuses, never deletes, what an earlier run left there
@@ -306,7 +308,7 @@ def _with_fraction(prepared: Prepared, fraction: float, *, seed: int) -> Prepare
     for name, splits in prepared.sites.items():
         kept = subsample(splits["train"].labels, fraction=fraction, seed=seed)
         sites[name] = {**splits, "train": splits["train"].subset(kept)}
-    return Prepared(prepared.config, prepared.dataset, prepared.partition, sites, prepared.global_test)
+    return Prepared(prepared.dataset, prepared.partition, sites, prepared.global_test)
 
 
 def _site_summary(prepared: Prepared, num_classes: int) -> dict:

@@ -24,7 +24,7 @@ from medfed.common.errors import MedfedError, few
 from medfed.common import messages
 from medfed.common.medmnist import data_dir, locate
 from medfed.common.medmnist_catalogue import DATASETS
-from medfed.common.model import check_model, native_input_size
+from medfed.common.model import check_model
 from medfed.common.privacy import site_plan
 from medfed.common.sources import Loaded, discover, load
 from medfed.common.splits import split_indices
@@ -41,7 +41,6 @@ CITATION = (
 
 @dataclass
 class Prepared:
-    config: Config
     dataset: dict
     partition: dict
     sites: dict[str, dict[str, LabelledImages]]
@@ -70,8 +69,6 @@ def prepare(config: Config, *, fold: tuple[int, int] | None = None) -> Prepared:
 
 
 def _prepare_medmnist(config: Config, *, fold: tuple[int, int] | None) -> Prepared:
-    if config.data.image_size is None:
-        config.data.image_size = native_input_size(config.model.backbone)
     path = locate(config.data.dataset, config.data.resolution, data_dir(config.data.data_dir))
     info = DATASETS[config.data.dataset]
     classes = info["labels"]
@@ -92,15 +89,13 @@ def _prepare_medmnist(config: Config, *, fold: tuple[int, int] | None) -> Prepar
         "official_splits": {s: len(d) for s, d in official.items()},
         "citation": CITATION,
     }
-    return Prepared(config, dataset, _partition_info(config, pool="official train + val",
+    return Prepared(dataset, _partition_info(config, pool="official train + val",
                                                      global_test="official test split"),
                     sites, official["test"])
 
 
 def _prepare_collection(config: Config, *, fold: tuple[int, int] | None) -> Prepared:
     """A hospital's folder or manifest: decoded once here, then split like a public dataset."""
-    if config.data.image_size is None:
-        config.data.image_size = native_input_size(config.model.backbone)
     kind, loaded = _decoded(config.data.path, image_size=config.data.image_size,
                             frame=config.data.frame, skip_bad=config.data.skip_bad)
     check_model(config.model, num_classes=len(loaded.classes), image_size=config.data.image_size,
@@ -120,7 +115,6 @@ def _prepare_collection(config: Config, *, fold: tuple[int, int] | None) -> Prep
         names = sorted(set(loaded.sites))
         if len(names) < 2:
             raise MedfedError(f"the manifest's site column names only {names[0]}; a federation needs 2 or more")
-        config.partition.sites = len(names)
         parts = [np.flatnonzero(loaded.sites == name) for name in names]
     else:
         names = None
@@ -142,7 +136,7 @@ def _prepare_collection(config: Config, *, fold: tuple[int, int] | None) -> Prep
     info = _partition_info(config, pool="all readable images",
                            global_test="pooled test splits of the sites")
     info["site_split"] += " by patient" if loaded.patients is not None else ""
-    return Prepared(config, dataset, info, sites, global_test)
+    return Prepared(dataset, info, sites, global_test)
 
 
 @functools.lru_cache(maxsize=2)

@@ -34,11 +34,11 @@ def prepared(medmnist_dir, tmp_path_factory):
     prepared = prepare(config)
     sites_dir = tmp_path_factory.mktemp("sites")
     save_sites(prepared, sites_dir)
-    return prepared, sites_dir
+    return prepared, sites_dir, config
 
 
 def _run(prepared, run_dir, *, rounds, resume=False, progress=lambda line: None):
-    data, sites_dir = prepared
+    data, sites_dir, _ = prepared
     report = run_federation(data, _config(prepared, rounds), run_dir=run_dir, sites_dir=sites_dir,
                             progress=progress, resume=resume)
     return report, torch.load(run_dir / "global_model.pt", weights_only=False)["model"]
@@ -85,8 +85,7 @@ def test_resumed_run_equals_uninterrupted_run(whole, split):
 
 def test_resume_refuses_another_study(prepared, split, tmp_path):
     run_dir = split[0]
-    data, _ = prepared
-    other = copy.deepcopy(data.config)
+    other = copy.deepcopy(prepared[2])
     other.train.lr = 0.5
     with pytest.raises(MedfedError, match="another config"):
         load_checkpoint(run_dir, config_json=other.to_json())
@@ -96,7 +95,7 @@ def test_resume_refuses_another_study(prepared, split, tmp_path):
 
 
 def _config(prepared, rounds):
-    config = copy.deepcopy(prepared[0].config)
+    config = copy.deepcopy(prepared[2])
     config.federation.rounds = rounds
     config.federation.head_rounds = min(rounds, 2)
     return config
