@@ -214,9 +214,10 @@ def _rounds_table(report: dict) -> Table:
         rows.append((str(r["round"]), f"{r['lr']:.2e}",
                      format_number(float(np.mean(losses)) if losses else None),
                      format_number(r["val_loss"]), format_number(g.get("auc")),
-                     format_number(g.get("accuracy")), str(len(r["rejected"]))))
+                     format_number(g.get("accuracy")), str(len(r["rejected"])),
+                     ", ".join(r["missing"]) or "none"))
     return Table(("round", "lr", "mean train loss", "val loss (aggregated)", "global test AUC",
-                  "global test accuracy", "updates rejected"), tuple(rows))
+                  "global test accuracy", "updates rejected", "sites missing"), tuple(rows))
 
 
 def _communication_text(comm: dict) -> str:

@@ -305,3 +305,43 @@ def test_a_failed_site_is_reported_not_fatal():
     assert arrays is not None
     record = strategy.rounds[1]
     assert record.missing == ["site-1"] and "has no data" in record.failures[0]
+
+
+def test_a_site_whose_node_stopped_is_named_not_the_superlink():
+    """The SuperLink answers itself for a node whose heartbeat lapsed (a site killed mid-round),
+    from its own node id: the failure names the registered site the message went to."""
+    from flwr.common.constant import SUPERLINK_NODE_ID
+    from flwr.server.superlink.linkstate.utils import (
+        create_message_error_unavailable_res_message,
+    )
+
+    strategy, model, keys = make_strategy("fedavg", sites=2, registry={7: "site-0", 8: "site-1"})
+    initial = wire.to_record(model, keys)
+    messages = sorted(strategy.configure_train(1, initial, ConfigRecord(), MockGrid([7, 8])),
+                      key=lambda m: m.metadata.dst_node_id)
+    for message in messages:
+        message.metadata.__dict__["_message_id"] = message.object_id  # as Flower's grid pushes it
+    lapsed = create_message_error_unavailable_res_message(messages[1].metadata, "node_unavail")
+    assert lapsed.metadata.src_node_id == SUPERLINK_NODE_ID
+    arrays, _ = strategy.aggregate_train(1, [reply_to(messages[0], arrays=initial, n=10,
+                                                      site="site-0"), lapsed])
+    assert arrays is not None
+    record = strategy.rounds[1]
+    assert record.missing == ["site-1"]
+    assert record.failures == [f"site-1: {lapsed.error.reason}"]
+
+
+class LapsingGrid(MockGrid):
+    """Its last node goes offline right after the nodes are first listed."""
+
+    def get_node_ids(self):
+        nodes, self.nodes = list(self.nodes), self.nodes[:-1]
+        assert len(nodes) == 3, "listed again: Flower's sampling would wait for the lost node"
+        return nodes
+
+
+def test_a_node_lost_between_the_count_and_the_sampling_does_not_hang_the_round():
+    strategy, model, keys = make_strategy("fedavg", sites=3, min_sites=2)
+    messages = strategy.configure_train(1, wire.to_record(model, keys), ConfigRecord(),
+                                        LapsingGrid([1, 2, 3]))
+    assert sorted(m.metadata.dst_node_id for m in messages) == [1, 2, 3]

@@ -449,7 +449,8 @@ def test_batchnorm_statistics_under_fedavg_stay_example_weighted():
 def test_rejections_show_in_progress_and_report():
     config = Config()
     record = RoundRecord(round=1, lr=1e-4, train={"site-0": {"loss": 0.3, "n": 10}},
-                         rejected=["site-1: array 'w' holds NaN", "site-2: num-examples is 0, not positive"])
+                         rejected=["site-1: array 'w' holds NaN", "site-2: num-examples is 0, not positive"],
+                         missing=["site-1", "site-2"])
     lines = []
     _report_progress("train", record, lines.append, config)
     assert "round   1 | update rejected: site-1: array 'w' holds NaN" in lines
@@ -465,7 +466,7 @@ def test_rejections_show_in_progress_and_report():
     )
     assert report["rounds"][0]["rejected"] == record.rejected
     row = next(line for line in render_markdown(report).splitlines() if line.startswith("| 1 |"))
-    assert row.endswith("| 2 |")
+    assert row.endswith("| 2 | site-1, site-2 |"), row  # updates rejected, the sites missing
 
 
 # --- configuration -----------------------------------------------------------------------------
