@@ -122,6 +122,16 @@ def optimizer_state(base: Strategy) -> dict:
             if hasattr(base, name)}
 
 
+def optimizer_finite(state: dict) -> bool:
+    """Whether a server optimizer's state (`optimizer_state`) holds finite numbers only: FedAdam
+    and FedYogi square the update, which overflows float32 where the update itself did not."""
+    for value in state.values():
+        arrays = value.values() if isinstance(value, dict) else value or []
+        if not all(np.isfinite(array).all() for array in arrays):
+            return False
+    return True
+
+
 def load_optimizer_state(base: Strategy, state: dict) -> None:
     for name, value in state.items():
         setattr(base, name, array_record(value) if name in FEDAVGM_RECORDS

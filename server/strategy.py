@@ -44,7 +44,8 @@ from medfed.common.messages import (
 from medfed.common.schedule import PlateauSchedule, Stages
 from medfed.common.wire import record_bytes
 from medfed.server.aggregation import (
-    fit_to_replies, load_optimizer_state, optimizer_state, restart_optimizer, unwrapped,
+    fit_to_replies, load_optimizer_state, optimizer_finite, optimizer_state, restart_optimizer,
+    unwrapped,
 )
 from medfed.server.client_dp import ClippedUpdates
 from medfed.server.records import (
@@ -243,19 +244,25 @@ class MedfedStrategy(Strategy):
         fit_to_replies(self.base, replies=len(valid), server_round=server_round)
         if self.clipping is not None:
             self.clipping.account(record, rounds=self.rounds, aggregated=len(valid))
+        before = optimizer_state(self.base)
         aggregate, metrics = self.strategy.aggregate_train(server_round, valid)
         if aggregate is None:
             return None, metrics
         merged = {**self._full, **aggregate}
         # Keep the model's dtypes: server optimizers compute in float64.
         values = {k: np.asarray(merged[k].numpy(), dtype=self._dtypes[k]) for k in self._dtypes}
-        if not all(np.isfinite(value).all() for value in values.values()):
-            # Every accepted update is finite, but a sum inside the aggregation can still overflow:
-            # FedTrimmedAvg and Bulyan add float32 updates near float32's limit before dividing.
+        if not (all(np.isfinite(value).all() for value in values.values())
+                and optimizer_finite(optimizer_state(self.base))):
+            # Every accepted update is finite, but a sum inside the aggregation can still overflow
+            # (FedTrimmedAvg and Bulyan add float32 updates near float32's limit before dividing),
+            # and so can FedAdam's and FedYogi's squared update, which would freeze the model for
+            # good: the round is undone, the server optimizer's moments included.
+            load_optimizer_state(self.base, before)
             log.warning("round %d: the aggregate is not finite; the global model is left unchanged "
                         "this round", server_round)
             record.failures.append("aggregate: not finite (accepted updates near float32's "
-                                   "limit); the global model is left unchanged this round")
+                                   "limit); the global model and the server optimizer are left "
+                                   "unchanged this round")
             return None, metrics
         return ArrayRecord({k: Array(value) for k, value in values.items()}), metrics
 
