@@ -45,7 +45,7 @@ from medfed.common.schedule import PlateauSchedule, Stages
 from medfed.common.wire import record_bytes
 from medfed.server.aggregation import (
     fit_to_replies, load_optimizer_state, optimizer_finite, optimizer_state, restart_optimizer,
-    unwrapped,
+    selected, unwrapped,
 )
 from medfed.server.client_dp import ClippedUpdates
 from medfed.server.records import (
@@ -264,6 +264,7 @@ class MedfedStrategy(Strategy):
                                    "limit); the global model and the server optimizer are left "
                                    "unchanged this round")
             return None, metrics
+        record.selected = selected(self.base, {name: reply.content for name, reply in accepted})
         return ArrayRecord({k: Array(value) for k, value in values.items()}), metrics
 
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
