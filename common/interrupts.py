@@ -29,6 +29,8 @@ def interrupt_on_sigterm() -> None:
     signal.signal(signal.SIGINT, interrupt)
 
 
+# Ctrl-C and `kill` (docker stop, systemd): the signals `interrupt_once` takes.
+SIGNALS = (signal.SIGINT, signal.SIGTERM)
 # The processes below this one when the first Ctrl-C arrived (see `interrupt_once`).
 _BELOW_AT_INTERRUPT: dict[int, str] = {}
 
@@ -36,7 +38,7 @@ _BELOW_AT_INTERRUPT: dict[int, str] = {}
 @contextmanager
 def interrupt_once(message: str, *, code: int = 130,
                    on_interrupt: Callable[[], None] | None = None) -> Iterator[None]:
-    """Within the block, the first Ctrl-C raises KeyboardInterrupt as usual; a second one, while
+    """Within the block, the first Ctrl-C (or SIGTERM) raises KeyboardInterrupt; a second one, while
     the first is still being handled, prints `message` and ends the process at once with `code`
     (no "Exception ignored" noise from inside a half-finished shutdown, and never a wait on a
     hung one). Handle the KeyboardInterrupt inside the block.
@@ -45,16 +47,40 @@ def interrupt_once(message: str, *, code: int = 130,
     orphan while they unwind: `stop_descendants` ends them; and it calls `on_interrupt` first
     (e.g. to silence a library's errors about its work being cut short)."""
     def interrupt(signum, frame):
-        signal.signal(signal.SIGINT, _exit_handler(message, code))
+        for number in SIGNALS:
+            signal.signal(number, _exit_handler(message, code))
         _BELOW_AT_INTERRUPT.update(descendants(os.getpid()))
         if on_interrupt is not None:
             on_interrupt()
         raise KeyboardInterrupt
-    previous = signal.signal(signal.SIGINT, interrupt)
+    previous = {number: signal.signal(number, interrupt) for number in SIGNALS}
     try:
         yield
     finally:
-        signal.signal(signal.SIGINT, previous)
+        for number, handler in previous.items():
+            signal.signal(number, handler)
+
+
+@contextmanager
+def sigterm_despite_ray() -> Iterator[None]:
+    """`ray.init`, inside Flower's Simulation Engine, replaces the SIGTERM handler with
+    `sys.exit(15)` (and its C++ core a stack dump), which unwinds the engine past medfed's
+    Ctrl-C handling: its threads then print the actors' deaths as tracebacks. Within the block,
+    SIGTERM gets Ctrl-C's handler back as soon as Ray has started, from Ray's post-init hooks
+    (run at the end of `ray.init`), and the handler from before the block after it."""
+    # A private list, but Flower pins Ray's version; the slow SIGTERM test fails if it goes.
+    from ray._private import worker as ray_worker
+
+    def like_ctrl_c() -> None:
+        signal.signal(signal.SIGTERM, signal.getsignal(signal.SIGINT))
+
+    previous = signal.getsignal(signal.SIGTERM)
+    ray_worker._post_init_hooks.append(like_ctrl_c)
+    try:
+        yield
+    finally:
+        ray_worker._post_init_hooks.remove(like_ctrl_c)
+        signal.signal(signal.SIGTERM, previous)
 
 
 def _exit_handler(message: str, code: int) -> Callable[..., None]:

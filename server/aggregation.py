@@ -44,6 +44,29 @@ def mean_scalar_metrics(records: list[RecordDict], weight_key: str) -> MetricRec
     return result
 
 
+class AggregatedMetrics:
+    """Flower's `train_metrics_aggr_fn`: the scalar metrics' example-weighted mean, and a note of
+    the records it was given. Krum and MultiKrum give it the updates they selected, Bulyan
+    those its Krum stage selected, the others every update: `records` says which ones make
+    the global model."""
+
+    def __init__(self) -> None:
+        self.records: list[RecordDict] = []
+
+    def __call__(self, records: list[RecordDict], weight_key: str) -> MetricRecord:
+        self.records = list(records)
+        return mean_scalar_metrics(records, weight_key)
+
+
+def selected(base: Strategy, contents: dict[str, RecordDict]) -> list[str] | None:
+    """The sites (keys of `contents`, each reply's content) whose updates the last aggregation
+    of a selecting strategy (Krum, MultiKrum, Bulyan) used; None for the others."""
+    if not isinstance(base, (MultiKrum, Bulyan)):
+        return None
+    used = {id(record) for record in base.train_metrics_aggr_fn.records}
+    return sorted(site for site, content in contents.items() if id(content) in used)
+
+
 def make_flower_strategy(config: Config, *, num_sites: int) -> Strategy:
     f = config.federation
     sampling = dict(
@@ -52,7 +75,7 @@ def make_flower_strategy(config: Config, *, num_sites: int) -> Strategy:
         min_train_nodes=max(1, round(f.fraction_train * num_sites)),
         min_evaluate_nodes=num_sites,
         min_available_nodes=num_sites,
-        train_metrics_aggr_fn=mean_scalar_metrics,
+        train_metrics_aggr_fn=AggregatedMetrics(),
         evaluate_metrics_aggr_fn=mean_scalar_metrics,
     )
     strategy = _base_strategy(config, sampling=sampling, num_sites=num_sites)
@@ -120,6 +143,16 @@ def optimizer_state(base: Strategy) -> dict:
     """FedAdam/FedYogi (FedOpt) and FedAvgM keep x_t and their moments between rounds."""
     return {name: _plain(getattr(base, name)) for name in SERVER_OPTIMIZER_STATE
             if hasattr(base, name)}
+
+
+def optimizer_finite(state: dict) -> bool:
+    """Whether a server optimizer's state (`optimizer_state`) holds finite numbers only: FedAdam
+    and FedYogi square the update, which overflows float32 where the update itself did not."""
+    for value in state.values():
+        arrays = value.values() if isinstance(value, dict) else value or []
+        if not all(np.isfinite(array).all() for array in arrays):
+            return False
+    return True
 
 
 def load_optimizer_state(base: Strategy, state: dict) -> None:

@@ -26,6 +26,8 @@ class RoundRecord:
     rejected: list[str] = field(default_factory=list)
     # Expected sites with no accepted training reply this round (absent, dropped, failed or rejected).
     missing: list[str] = field(default_factory=list)
+    # Krum, MultiKrum, Bulyan: the sites whose updates they selected (None: every accepted one).
+    selected: list[str] | None = None
     val_loss: float | None = None
     val_auc: float | None = None
     global_test: dict | None = None

@@ -56,6 +56,7 @@ def build_report(
             "failures": record.failures,
             "rejected": record.rejected,
             "missing": record.missing,
+            "selected": record.selected,
             "privacy": dict(sorted(record.privacy.items())),
             "client_privacy": record.client_privacy,
         })
@@ -207,6 +208,8 @@ def _sites_table(report: dict) -> Table:
 
 
 def _rounds_table(report: dict) -> Table:
+    # Krum, MultiKrum and Bulyan build the global model from the updates they select: which ones.
+    selecting = any(r["selected"] is not None for r in report["rounds"])
     rows = []
     for r in report["rounds"]:
         losses = [v["loss"] for v in r["train"].values()]
@@ -214,9 +217,12 @@ def _rounds_table(report: dict) -> Table:
         rows.append((str(r["round"]), f"{r['lr']:.2e}",
                      format_number(float(np.mean(losses)) if losses else None),
                      format_number(r["val_loss"]), format_number(g.get("auc")),
-                     format_number(g.get("accuracy")), str(len(r["rejected"]))))
+                     format_number(g.get("accuracy")), str(len(r["rejected"])),
+                     ", ".join(r["missing"]) or "none",
+                     *((", ".join(r["selected"] or []) or "none",) if selecting else ())))
     return Table(("round", "lr", "mean train loss", "val loss (aggregated)", "global test AUC",
-                  "global test accuracy", "updates rejected"), tuple(rows))
+                  "global test accuracy", "updates rejected", "sites missing",
+                  *(("updates selected",) if selecting else ())), tuple(rows))
 
 
 def _communication_text(comm: dict) -> str:

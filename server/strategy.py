@@ -44,7 +44,8 @@ from medfed.common.messages import (
 from medfed.common.schedule import PlateauSchedule, Stages
 from medfed.common.wire import record_bytes
 from medfed.server.aggregation import (
-    fit_to_replies, load_optimizer_state, optimizer_state, restart_optimizer, unwrapped,
+    fit_to_replies, load_optimizer_state, optimizer_finite, optimizer_state, restart_optimizer,
+    selected, unwrapped,
 )
 from medfed.server.client_dp import ClippedUpdates
 from medfed.server.records import (
@@ -105,6 +106,7 @@ class MedfedStrategy(Strategy):
         self.on_event = on_event
         self.rounds: dict[int, RoundRecord] = {}
         self._sent: dict[int, int] = {}  # node id -> bytes sent to it this round
+        self._asked: list[Message] = []  # this round's messages (Flower gives them their ids)
         self._dtypes: dict[str, np.dtype] = {}
         self._global: dict[str, np.ndarray] = {}  # the arrays sent for this round's training
         self._full: ArrayRecord | None = None  # the whole global model this round started from
@@ -148,6 +150,7 @@ class MedfedStrategy(Strategy):
 
     def _note_sent(self, messages: Iterable[Message], arrays: ArrayRecord) -> list[Message]:
         messages = list(messages)
+        self._asked.extend(messages)
         size = record_bytes(arrays)
         for message in messages:
             node = message.metadata.dst_node_id
@@ -157,7 +160,11 @@ class MedfedStrategy(Strategy):
     def _sorted(self, replies: Iterable[Message]) -> list[Message]:
         # Replies arrive in whatever order the sites finish; a fixed order makes the floating-point
         # sums, and so the whole run, reproducible for a given seed.
-        return sorted(replies, key=lambda r: (site_name(r, self.registry), r.metadata.src_node_id))
+        return sorted(replies, key=lambda r: (self._name(r), r.metadata.src_node_id))
+
+    def _name(self, reply: Message) -> str:
+        return site_name(reply, self.registry,
+                         asked={m.metadata.message_id: m.metadata.dst_node_id for m in self._asked})
 
     def _declared_examples(self) -> dict[str, int]:
         """Training examples each site declared with its latest evaluation (the sum of its
@@ -181,7 +188,7 @@ class MedfedStrategy(Strategy):
             self._dtypes = {k: a.numpy().dtype for k, a in arrays.items()}
         sent = self._stage_arrays(arrays, stage)
         self._global = {k: a.numpy() for k, a in sent.items()}
-        self._sent = {}
+        self._sent, self._asked = {}, []
         self.record(server_round)
         messages = self.strategy.configure_train(server_round, sent, self._config(config, stage),
                                                  grid)
@@ -196,9 +203,9 @@ class MedfedStrategy(Strategy):
         record = self.record(server_round)
         for reply in replies:
             if reply.has_error():
-                record.failures.append(f"{site_name(reply, self.registry)}: {reply.error.reason}")
+                record.failures.append(f"{self._name(reply)}: {reply.error.reason}")
         accepted, rejections = screen(
-            [(site_name(r, self.registry), r) for r in replies if not r.has_error()],
+            [(self._name(r), r) for r in replies if not r.has_error()],
             RoundReference(arrays=self._global, sites=self.expected_sites,
                            max_examples=self.max_examples, norm_factor=self.norm_factor,
                            num_classes=len(self.round_config["classes"]),
@@ -237,20 +244,27 @@ class MedfedStrategy(Strategy):
         fit_to_replies(self.base, replies=len(valid), server_round=server_round)
         if self.clipping is not None:
             self.clipping.account(record, rounds=self.rounds, aggregated=len(valid))
+        before = optimizer_state(self.base)
         aggregate, metrics = self.strategy.aggregate_train(server_round, valid)
         if aggregate is None:
             return None, metrics
         merged = {**self._full, **aggregate}
         # Keep the model's dtypes: server optimizers compute in float64.
         values = {k: np.asarray(merged[k].numpy(), dtype=self._dtypes[k]) for k in self._dtypes}
-        if not all(np.isfinite(value).all() for value in values.values()):
-            # Every accepted update is finite, but a sum inside the aggregation can still overflow:
-            # FedTrimmedAvg and Bulyan add float32 updates near float32's limit before dividing.
+        if not (all(np.isfinite(value).all() for value in values.values())
+                and optimizer_finite(optimizer_state(self.base))):
+            # Every accepted update is finite, but a sum inside the aggregation can still overflow
+            # (FedTrimmedAvg and Bulyan add float32 updates near float32's limit before dividing),
+            # and so can FedAdam's and FedYogi's squared update, which would freeze the model for
+            # good: the round is undone, the server optimizer's moments included.
+            load_optimizer_state(self.base, before)
             log.warning("round %d: the aggregate is not finite; the global model is left unchanged "
                         "this round", server_round)
             record.failures.append("aggregate: not finite (accepted updates near float32's "
-                                   "limit); the global model is left unchanged this round")
+                                   "limit); the global model and the server optimizer are left "
+                                   "unchanged this round")
             return None, metrics
+        record.selected = selected(self.base, {name: reply.content for name, reply in accepted})
         return ArrayRecord({k: Array(value) for k, value in values.items()}), metrics
 
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
@@ -268,7 +282,7 @@ class MedfedStrategy(Strategy):
         sent = self._stage_arrays(arrays, stage)
         messages = self.strategy.configure_evaluate(server_round, sent,
                                                     self._config(config, stage), grid)
-        self._sent = {}
+        self._sent, self._asked = {}, []
         return self._note_sent(messages, sent)
 
     def collect_evaluation(self, replies: Iterable[Message], record: RoundRecord) -> list[Message]:
@@ -277,9 +291,9 @@ class MedfedStrategy(Strategy):
         replies = list(replies)
         for reply in replies:
             if reply.has_error():
-                record.failures.append(f"{site_name(reply, self.registry)}: {reply.error.reason}")
+                record.failures.append(f"{self._name(reply)}: {reply.error.reason}")
         kept, rejections = screen_evaluation(
-            [(site_name(r, self.registry), r) for r in replies if not r.has_error()],
+            [(self._name(r), r) for r in replies if not r.has_error()],
             sites=self.expected_sites, num_classes=len(self.round_config["classes"]),
             max_examples=self.max_examples, registry=self.registry,
         )

@@ -21,6 +21,7 @@ from medfed.common.config import Config
 from medfed.common.config_checks import check_sites
 from medfed.common.dataset import LabelledImages, load_splits, save_splits
 from medfed.common.errors import MedfedError, few
+from medfed.common.interrupts import sigterm_despite_ray
 from medfed.common import messages
 from medfed.common.medmnist import data_dir, locate
 from medfed.common.medmnist_catalogue import DATASETS
@@ -239,14 +240,15 @@ def _run_engine(server_app, client_app, config: Config, *, num_sites: int, verbo
     gpus = s.gpus_per_site
     if gpus is None:
         gpus = 1.0 / num_sites if torch.cuda.is_available() else 0.0
-    run_simulation(
-        server_app=server_app,
-        client_app=client_app,
-        num_supernodes=num_sites,
-        backend_config={
-            "client_resources": {"num_cpus": s.cpus_per_site, "num_gpus": gpus},
-            "init_args": {"logging_level": "INFO" if verbose else "ERROR",
-                          "log_to_driver": verbose, "include_dashboard": False},
-        },
-        verbose_logging=verbose,
-    )
+    with sigterm_despite_ray():
+        run_simulation(
+            server_app=server_app,
+            client_app=client_app,
+            num_supernodes=num_sites,
+            backend_config={
+                "client_resources": {"num_cpus": s.cpus_per_site, "num_gpus": gpus},
+                "init_args": {"logging_level": "INFO" if verbose else "ERROR",
+                              "log_to_driver": verbose, "include_dashboard": False},
+            },
+            verbose_logging=verbose,
+        )

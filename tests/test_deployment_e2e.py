@@ -191,15 +191,20 @@ def deployments(tmp_path_factory, federation):
             },
         }
     finally:
-        for process in started:
-            if process.popen.poll() is None:
-                process.popen.send_signal(signal.SIGINT)
-        for process in started:
-            try:
-                process.popen.wait(timeout=40)
-            except subprocess.TimeoutExpired:
-                process.popen.kill()
-                process.popen.wait(timeout=10)
+        _end(started)
+
+
+def _end(started: list[Process]) -> None:
+    """Ctrl-C to every process still running, then SIGKILL to any that outlive a bounded wait."""
+    for process in started:
+        if process.popen.poll() is None:
+            process.popen.send_signal(signal.SIGINT)
+    for process in started:
+        try:
+            process.popen.wait(timeout=40)
+        except subprocess.TimeoutExpired:
+            process.popen.kill()
+            process.popen.wait(timeout=10)
 
 
 def test_three_hospitals_train_over_tls_and_strangers_are_turned_away(deployments):
@@ -296,6 +301,70 @@ def test_a_finished_study_resumes_for_more_rounds(deployments):
     assert "registered already" in resumed.out and "resuming after round 1" in resumed.out
     report = json.loads((d["run_dir"] / "report.json").read_text())
     assert [r["round"] for r in report["rounds"]] == [1, 2]
+
+
+DYING_SITE = SITES[1]
+# Above the 60 s in which the SuperLink gives up on a node that stopped (two missed heartbeats),
+# and loose enough for a loaded machine: the dead site costs one round at most that long.
+ROUND_TIMEOUT_S = 90
+DIES_LIMIT_S = 720
+
+
+@pytest.mark.slow
+def test_a_site_that_dies_mid_study_is_named_and_the_study_finishes_without_it(federation,
+                                                                               tmp_path):
+    """SIGKILL of one hospital's `medfed client` once its first update is sent: nothing of that
+    site keeps running, each later round goes on with the other two (min-sites 2) after at most
+    `round_timeout`, and the report names the hospital, not its node, as missing from them."""
+    from test_faults import _commands, _kill_all, _wait_gone
+
+    from medfed.common.processes import descendants
+
+    env = {**os.environ, "MEDFED_OFFLINE": "1", "FLWR_HOME": str(tmp_path / "flwr-home")}
+    started: list[Process] = []
+
+    def start(name: str, *args: str) -> Process:
+        started.append(Process(list(args), folder=tmp_path, name=name, env=env))
+        return started[-1]
+
+    port, run_dir, tree = free_port(), tmp_path / "study", {}
+    began = time.monotonic()
+    try:
+        server = _server(start, federation, run_dir, port, "--wait-sites", "180s",
+                         "--min-sites", "2", "--set", "federation.rounds=3",
+                         "--set", f"federation.round_timeout={ROUND_TIMEOUT_S}")
+        clients = {site: _client(start, federation, site, port) for site in SITES}
+        dying = clients[DYING_SITE]
+        audit = federation / f"{dying.name}.audit.jsonl"
+        _wait_for(lambda: audit.is_file() and '"type": "train"' in audit.read_text(),
+                  timeout=RUN_LIMIT_S, what=f"{DYING_SITE}'s first training reply")
+        tree = descendants(dying.popen.pid)
+        assert "flower-supernode" in " ".join(_commands(tree)), _commands(tree)
+        dying.popen.kill()
+        dying.popen.wait(timeout=10)
+        left = _wait_gone(tree, timeout=20)
+        assert not left, f"left running after kill -9 of medfed client: {_commands(left)}"
+
+        assert server.wait(DIES_LIMIT_S) == 0, f"{server.out}\n{server.err}"
+    finally:
+        _end(started)
+        _kill_all(tree)
+    assert time.monotonic() - began < DIES_LIMIT_S
+
+    report = json.loads((run_dir / "report.json").read_text())
+    rounds = {r["round"]: r for r in report["rounds"]}
+    assert sorted(rounds) == [1, 2, 3]
+    living = [s for s in SITES if s != DYING_SITE]
+    for number in (2, 3):
+        # (A living site that misses a round on a loaded machine would be named too.)
+        assert DYING_SITE in rounds[number]["missing"], rounds[number]
+        assert rounds[number]["train"] and DYING_SITE not in rounds[number]["train"]
+    assert set(report["sites"]) <= set(living)  # the final model, evaluated where it can be
+    failures = [f for r in report["rounds"] for f in r["failures"]] + report["final"]["failures"]
+    assert not any(f.startswith("node-") for f in failures), failures
+    markdown = (run_dir / "report.md").read_text()
+    assert markdown.count(DYING_SITE) >= 2, markdown  # missing from rounds 2 and 3
+    assert DYING_SITE in server.out
 
 
 def _outsider_is_refused(port: int, *, federation: Path, run_dir: Path, folder: Path) -> None:

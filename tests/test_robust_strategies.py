@@ -55,22 +55,27 @@ def test_flower_strategies_are_built_with_the_assumed_attackers():
 
 
 def test_krum_picks_one_honest_update_and_ignores_the_attacker():
-    _, arrays, updates, keys = robust_round("krum", sites=5, byzantine=1)
+    strategy, arrays, updates, keys = robust_round("krum", sites=5, byzantine=1)
     chosen = [i for i in range(5)
               if all(np.allclose(arrays[k].numpy(), updates[i][k]) for k in parameters(keys))]
     assert len(chosen) == 1 and chosen[0] != 0
+    assert strategy.rounds[1].selected == [f"site-{chosen[0]}"]  # the report says which
 
 
 def test_multikrum_averages_the_n_minus_f_honest_updates():
     strategy, arrays, updates, keys = robust_round("multikrum", sites=5, byzantine=1)
     assert strategy.inner.num_nodes_to_select == 4
+    assert strategy.rounds[1].selected == [f"site-{i}" for i in range(1, 5)]
     for key in parameters(keys):
         np.testing.assert_allclose(arrays[key].numpy(), np.mean([u[key] for u in updates[1:]], axis=0),
                                    rtol=1e-4, atol=1e-5, err_msg=key)
 
 
 def test_bulyan_stays_within_the_honest_updates():
-    _, arrays, updates, keys = robust_round("bulyan", sites=7, byzantine=1)
+    strategy, arrays, updates, keys = robust_round("bulyan", sites=7, byzantine=1)
+    # Its Krum stage keeps n - 2f = 5 updates, none of them the attacker's.
+    selected = strategy.rounds[1].selected
+    assert len(selected) == 5 and "site-0" not in selected, selected
     for key in parameters(keys):
         honest = np.stack([u[key] for u in updates[1:]])
         value = arrays[key].numpy()
@@ -78,7 +83,8 @@ def test_bulyan_stays_within_the_honest_updates():
 
 
 def test_fedavg_is_dragged_by_the_same_attacker():
-    _, arrays, updates, keys = robust_round("fedavg", sites=5, byzantine=0)
+    strategy, arrays, updates, keys = robust_round("fedavg", sites=5, byzantine=0)
+    assert strategy.rounds[1].selected is None  # every accepted update counts
     key = parameters(keys)[0]
     honest = np.stack([u[key] for u in updates[1:]])
     assert ((arrays[key].numpy() < honest.min(axis=0) - 1e-3)

@@ -305,3 +305,73 @@ def test_a_failed_site_is_reported_not_fatal():
     assert arrays is not None
     record = strategy.rounds[1]
     assert record.missing == ["site-1"] and "has no data" in record.failures[0]
+
+
+def test_a_site_whose_node_stopped_is_named_not_the_superlink():
+    """The SuperLink answers itself for a node whose heartbeat lapsed (a site killed mid-round),
+    from its own node id: the failure names the registered site the message went to."""
+    from flwr.common.constant import SUPERLINK_NODE_ID
+    from flwr.server.superlink.linkstate.utils import (
+        create_message_error_unavailable_res_message,
+    )
+
+    strategy, model, keys = make_strategy("fedavg", sites=2, registry={7: "site-0", 8: "site-1"})
+    initial = wire.to_record(model, keys)
+    messages = sorted(strategy.configure_train(1, initial, ConfigRecord(), MockGrid([7, 8])),
+                      key=lambda m: m.metadata.dst_node_id)
+    for message in messages:
+        message.metadata.__dict__["_message_id"] = message.object_id  # as Flower's grid pushes it
+    lapsed = create_message_error_unavailable_res_message(messages[1].metadata, "node_unavail")
+    assert lapsed.metadata.src_node_id == SUPERLINK_NODE_ID
+    arrays, _ = strategy.aggregate_train(1, [reply_to(messages[0], arrays=initial, n=10,
+                                                      site="site-0"), lapsed])
+    assert arrays is not None
+    record = strategy.rounds[1]
+    assert record.missing == ["site-1"]
+    assert record.failures == [f"site-1: {lapsed.error.reason}"]
+
+
+class LapsingGrid(MockGrid):
+    """Its last node goes offline right after the nodes are first listed."""
+
+    def get_node_ids(self):
+        nodes, self.nodes = list(self.nodes), self.nodes[:-1]
+        assert len(nodes) == 3, "listed again: Flower's sampling would wait for the lost node"
+        return nodes
+
+
+def test_a_node_lost_between_the_count_and_the_sampling_does_not_hang_the_round():
+    strategy, model, keys = make_strategy("fedavg", sites=3, min_sites=2)
+    messages = strategy.configure_train(1, wire.to_record(model, keys), ConfigRecord(),
+                                        LapsingGrid([1, 2, 3]))
+    assert sorted(m.metadata.dst_node_id for m in messages) == [1, 2, 3]
+
+
+@pytest.mark.parametrize("name", ["fedadam", "fedyogi"])
+def test_a_round_dropped_as_not_finite_leaves_the_server_optimizer_as_it_was(name):
+    """Every site sends finite updates near float32's limit: the squared update in FedAdam's
+    and FedYogi's second moment overflows. The round is dropped, its moments with it, and the
+    next round moves the model again (an infinite moment would have frozen it for good)."""
+    strategy, model, keys = make_strategy(name, sites=3)
+    grid = MockGrid([1, 2, 3])
+    after_1 = training_round(strategy, 1, wire.to_record(model, keys), grid, val_loss=0.5)
+    moments = {k: {key: v.copy() for key, v in getattr(strategy.inner, k).items()}
+               for k in ("m_t", "v_t")}
+
+    messages = sorted(strategy.configure_train(2, after_1, ConfigRecord(), grid),
+                      key=lambda m: m.metadata.dst_node_id)
+    huge = ArrayRecord({k: torch.full(tuple(a.shape), 3e38, dtype=torch.float32)
+                        for k, a in after_1.items()})
+    replies = [reply_to(m, arrays=huge, n=10, site=f"site-{i}",
+                        evaluation=full_evaluation(n=5, val_loss=0.5))
+               for i, m in enumerate(messages)]
+    assert strategy.aggregate_train(2, replies)[0] is None
+    assert any("not finite" in f for f in strategy.rounds[2].failures)
+    for k, saved in moments.items():
+        for key, value in saved.items():
+            np.testing.assert_array_equal(getattr(strategy.inner, k)[key], value, err_msg=key)
+
+    after_3 = training_round(strategy, 3, after_1, grid, val_loss=0.4)
+    moved = [key for key in after_1.keys()
+             if not np.array_equal(after_3[key].numpy(), after_1[key].numpy())]
+    assert moved and all(np.isfinite(after_3[key].numpy()).all() for key in moved)
