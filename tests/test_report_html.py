@@ -166,7 +166,8 @@ def test_html_states_statistics_ci_and_operating_points(page):
 def test_html_embeds_gradcam_and_notes_unreadable_files(page, run_dir):
     embedded = base64.b64encode((run_dir / "gradcam" / "north-0.png").read_bytes()).decode()
     assert f"data:image/png;base64,{embedded}" in page
-    assert "true pneumonia, predicted pneumonia (correct), p=0.87" in page
+    assert ("Right: predicted pneumonia with probability 0.87; true class pneumonia. Left: the "
+            "image; right: Grad-CAM.") in page
     assert "gradcam/missing.png is missing" in page
     secret = base64.b64encode((run_dir.parent / "secret.png").read_bytes()).decode()
     assert secret not in page and "is outside the run directory" in page
@@ -192,14 +193,15 @@ def test_markdown_has_mode_by_site_table(report):
     assert "0.912 (0.871–0.948)" in text
     assert "<script>" not in text
     headings = [line for line in text.splitlines() if line.startswith("## ")]
-    assert [h.split(".")[0] for h in headings] == [f"## {i}" for i in range(1, 13)]
+    assert headings[0] == "## The answer in brief"
+    assert [h.split(".")[0] for h in headings[1:]] == [f"## {i}" for i in range(1, 13)]
 
 
 def test_sections_in_same_order_in_both_outputs(page, report):
     html_titles = re.findall(r"<h2>([^<]*)</h2>", page)
     md_titles = [line[3:] for line in render_markdown(report).splitlines()
                  if line.startswith("## ")]
-    assert html_titles == md_titles and len(html_titles) == 12
+    assert html_titles == md_titles and len(html_titles) == 13
 
 
 def test_minimal_multiclass_report_renders(tmp_path):
