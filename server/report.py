@@ -241,7 +241,8 @@ def _trouble(report: dict) -> list[Block]:
     """Every rejected reply and failure, with its round and reason."""
     lines = [f"round {r['round']}: update rejected: {text}" for r in report["rounds"]
              for text in r["rejected"]]
-    lines += [f"round {r['round']}: failed: {text}" for r in report["rounds"] for text in r["failures"]]
+    lines += [f"round {r['round']}: failed: {text}" for r in report["rounds"]
+              for text in r["failures"]]
     lines += [f"final evaluation: failed: {text}" for text in report["final"]["failures"]]
     if not lines:
         return [Paragraph("No reply was rejected and no site failed.")]

@@ -79,9 +79,9 @@ def _answer(question: _Question, comparison: dict | None, *, modes: list[str], r
                 f"{question.needs} was not run (--compare all runs every mode).")
     if comparison is None:
         return f"{question.lead}: cannot say.", "The report holds no test of this comparison."
-    unit = (plural(comparison["n"], "seed") if question.global_only
-            else f"{comparison['n']} site test sets" if runs == 1
-            else f"{comparison['n']} site × seed pairs")
+    n = comparison.get("n") or 0
+    unit = (plural(n, "seed") if question.global_only else f"{n} site test sets" if runs == 1
+            else f"{n} site × seed pairs")
     numbers = _numbers(comparison, of=unit)
     undecided = _undecided(comparison)
     if undecided:
@@ -115,7 +115,7 @@ def _classical_answer(modes: list[str], comparisons: dict) -> tuple[str, str]:
 
 def _undecided(comparison: dict) -> str:
     """Why the comparison's test cannot give a verdict, or "" when it can."""
-    differing = comparison["n"] - comparison["ties"]
+    differing = (comparison.get("n") or 0) - (comparison.get("ties") or 0)
     if comparison.get("wilcoxon_p") is None:
         note = comparison.get("note") or "no test was possible"
         return note[:1].upper() + note[1:] + "."
@@ -128,15 +128,16 @@ def _undecided(comparison: dict) -> str:
 def _numbers(comparison: dict, *, of: str) -> str:
     dropped = comparison.get("n_dropped") or 0
     left_out = f" ({dropped} left out: AUC not estimable)" if dropped else ""
-    return (f"Federated higher on {comparison['wins']} of {of}{left_out}; mean AUC difference "
-            f"{_short_numbers(comparison)}")
+    return (f"Federated higher on {comparison.get('wins', MISSING)} of {of}{left_out}; mean AUC "
+            f"difference {_short_numbers(comparison)}")
 
 
 def _short_numbers(comparison: dict) -> str:
     difference = comparison.get("mean_difference")
     dz = comparison.get("cohens_dz")
+    p = format_p(comparison.get("wilcoxon_p"))
     return (f"{MISSING if difference is None else f'{difference:+.3f}'} (d_z "
-            f"{MISSING if dz is None else f'{dz:.2f}'}, p {format_p(comparison.get('wilcoxon_p'))})")
+            f"{MISSING if dz is None else f'{dz:.2f}'}, p {p})")
 
 
 # --- the forest plot -----------------------------------------------------------------------------
@@ -152,7 +153,8 @@ def _forest(report: dict, runs: list[dict]) -> list[Block]:
             table.append((mode, _run_name(run), with_ci(auc, ci)))
             if auc is not None:
                 # A zero-width interval (every resample agreed) is not drawn: it is no interval.
-                points.append((auc, tuple(ci) if ci and None not in ci and ci[0] != ci[1] else None))
+                drawn = ci and None not in ci and ci[0] != ci[1]
+                points.append((auc, tuple(ci) if drawn else None))
                 aucs.append(auc)
         summary = (MISSING if not points else with_ci(*points[0]) if len(points) == 1
                    else mean_std_text(mean_std(aucs)))

@@ -62,10 +62,12 @@ def deployment(tmp_path_factory):
         3: RoundRecord(round=3, lr=1e-3, train={s: trained for s in SITES[:2]},
                        failures=["site-2: no reply within 600 s"], missing=["site-2"]),
     }
+    settings = config.to_dict()
+    settings["data"]["image_size"] = 224  # as a started study resolves it
     report = build_report(
-        config=config.to_dict(), dataset={"name": "pneumoniamnist", "classes": ["normal", "pneumonia"]},
-        partition=None, rounds=rounds, final_sites=RoundRecord(round=3, lr=1e-3, evaluate=evaluation),
-        final_global=None,
+        config=settings, dataset={"name": "pneumoniamnist", "classes": ["normal", "pneumonia"]},
+        partition=None, rounds=rounds,
+        final_sites=RoundRecord(round=3, lr=1e-3, evaluate=evaluation), final_global=None,
         early_stopping={"stopped_at": None, "best_round": 3, "best_val_loss": math.nan},
         model={"backbone": "b", "weights": "none", "freeze": "3", "trainable_params": 1,
                "total_params": 1, "exchanged_tensors": 1, "payload_bytes": 4,
