@@ -1,4 +1,5 @@
-"""Grad-CAM heat maps for any timm CNN, and their overlay on the input image.
+"""Grad-CAM heat maps for any timm CNN, their overlay on the input image, and the pair (image,
+overlay) a reader judges.
 
 Clinicians ask where a model looks before they trust it; Grad-CAM answers with the last
 convolutional feature map weighted by how much each channel raises the target class's logit. It
