@@ -39,8 +39,8 @@ th,td{border:1px solid #d0d7de;padding:.25rem .5rem;text-align:left;vertical-ali
 thead th{background:#f3f5f7}tbody tr:nth-child(even){background:#fafbfc}
 figure{margin:.8rem 0}figure img{max-width:100%;height:auto}
 figcaption{font-size:.85rem;color:#444}ul{padding-left:1.3rem}
-.gallery{display:grid;grid-template-columns:repeat(auto-fill,minmax(190px,1fr));gap:.8rem}
-.gallery figure{margin:0}.note{color:#6a4b00;font-size:.85rem}
+.gallery{display:flex;flex-wrap:wrap;gap:1rem}.gallery figure{margin:0;max-width:100%}
+.gallery figcaption{max-width:30rem}.note{color:#6a4b00;font-size:.85rem}
 details{margin:.5rem 0;border:1px solid #d0d7de;border-radius:4px;padding:.3rem .6rem}
 summary{cursor:pointer;font-weight:600}
 """
@@ -61,7 +61,8 @@ class Paragraph:
 
 @dataclass(frozen=True)
 class Items:
-    items: tuple[str, ...]
+    """A bulleted list; an item given as (lead, text) shows its lead in bold."""
+    items: tuple[str | tuple[str, str], ...]
 
 
 @dataclass(frozen=True)
@@ -132,7 +133,7 @@ def _html_block(block: Block, *, run_dir: Path) -> str:
     if isinstance(block, Paragraph):
         return f"<p>{escape(block.text)}</p>"
     if isinstance(block, Items):
-        return "<ul>" + "".join(f"<li>{escape(item)}</li>" for item in block.items) + "</ul>"
+        return "<ul>" + "".join(f"<li>{_html_item(item)}</li>" for item in block.items) + "</ul>"
     if isinstance(block, Table):
         return _html_table(block)
     if isinstance(block, Plot):
@@ -141,6 +142,13 @@ def _html_block(block: Block, *, run_dir: Path) -> str:
         inner = "\n".join(_html_block(b, run_dir=run_dir) for b in block.blocks)
         return f"<details><summary>{escape(block.summary)}</summary>\n{inner}\n</details>"
     return _html_gallery(block, run_dir=run_dir)
+
+
+def _html_item(item: str | tuple[str, str]) -> str:
+    if isinstance(item, str):
+        return html.escape(item)
+    lead, text = item
+    return f"<strong>{html.escape(lead)}</strong> {html.escape(text)}"
 
 
 def _html_table(table: Table) -> str:
@@ -199,7 +207,7 @@ def markdown_block(block: Block) -> str:
     if isinstance(block, Paragraph):
         return _md_text(block.text)
     if isinstance(block, Items):
-        return "\n".join(f"- {_md_text(item)}" for item in block.items)
+        return "\n".join(f"- {_md_item(item)}" for item in block.items)
     if isinstance(block, Table):
         return _markdown_table(block)
     if isinstance(block, Plot):
@@ -210,6 +218,13 @@ def markdown_block(block: Block) -> str:
     lines = [f"**{_md_text(block.title)}**", ""]
     lines += [f"- {_md_text(p.caption)} (image file {_md_text(p.file)})" for p in block.pictures]
     return "\n".join(lines)
+
+
+def _md_item(item: str | tuple[str, str]) -> str:
+    if isinstance(item, str):
+        return _md_text(item)
+    lead, text = item
+    return f"**{_md_text(lead)}** {_md_text(text)}"
 
 
 def _md_text(text: str) -> str:

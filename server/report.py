@@ -1,4 +1,5 @@
-"""The run's record: report.json (the contract later tools read), report.md and metrics.csv."""
+"""The run's record: report.json (the contract later tools read), report.md and report.html (the
+same document blocks as the comparison report, `common.document`) and metrics.csv."""
 
 from __future__ import annotations
 
@@ -9,11 +10,12 @@ from pathlib import Path
 import numpy as np
 
 from medfed.common.dataset import SPLITS
-from medfed.common.document import Heading, Paragraph, Table, markdown_page
+from medfed.common.document import Block, Heading, Items, Paragraph, Table, html_page, markdown_page
 from medfed.common.messages import EVALUATED_SPLITS, clean, label_histograms, split_metrics
 from medfed.common.metrics import SCALARS, format_number
 from medfed.common.versions import versions
 from medfed.server.records import RoundRecord
+
 
 def site_summary(raw: dict) -> dict:
     histograms = label_histograms(raw)
@@ -131,6 +133,7 @@ def write_report(run_dir: Path, report: dict) -> None:
     (run_dir / "report.json").write_text(json.dumps(report, indent=2))
     _write_csv(run_dir / "metrics.csv", report)
     (run_dir / "report.md").write_text(render_markdown(report))
+    (run_dir / "report.html").write_text(render_html(report, run_dir=run_dir))
 
 
 def _write_csv(path: Path, report: dict) -> None:
@@ -164,7 +167,21 @@ def metrics_table(rows: dict[str, dict]) -> Table:
 
 
 def render_markdown(report: dict) -> str:
-    """report.md: the run in sentences and tables, written with the shared document blocks."""
+    """report.md: the run in sentences and tables."""
+    return markdown_page(_document(report))
+
+
+def render_html(report: dict, *, run_dir: Path) -> str:
+    """report.html: the same document as report.md, as one self-contained page."""
+    return html_page(_title(report), _document(report), run_dir=run_dir)
+
+
+def _title(report: dict) -> str:
+    return (f"medfed run: {report['dataset']['name']}, {len(report['sites'])} sites, "
+            f"{report['config']['federation']['strategy']}")
+
+
+def _document(report: dict) -> list[Block]:
     cfg, data, final = report["config"], report["dataset"], report["final"]
     classes = data["classes"]
     stopped = final["early_stopping"]["stopped_at"]
@@ -172,9 +189,8 @@ def render_markdown(report: dict) -> str:
     if final["global"]:
         held_out = (report.get("partition") or {}).get("global_test", "held-out test set")
         rows[f"global ({held_out})"] = final["global"]
-    return markdown_page([
-        Heading(1, f"medfed run: {data['name']}, {len(report['sites'])} sites, "
-                   f"{cfg['federation']['strategy']}"),
+    return [
+        Heading(1, _title(report)),
         Paragraph(
             f"Backbone {cfg['model']['backbone']} (weights: {cfg['model']['weights']}, "
             f"freeze: {cfg['model']['freeze']}, BatchNorm: {cfg['model']['bn']}), "
@@ -188,14 +204,50 @@ def render_markdown(report: dict) -> str:
                   + (f" ({classes[1]})" if len(classes) == 2 else " (macro over classes)")
                   + "; AUC n/a where a split holds one class only."),
         metrics_table(rows),
-        Heading(2, "Sites"), _sites_table(report),
-        Heading(2, "Rounds"), _rounds_table(report),
+        Heading(2, "Sites"), Paragraph(_attendance_text(report)), _sites_table(report),
+        Heading(2, "Rounds"), _rounds_table(report), *_trouble(report),
         Heading(2, "Communication"), Paragraph(_communication_text(report["communication"])),
         Heading(2, "Privacy"), Paragraph(report["privacy"]["guarantee"]),
         *_privacy_tables(report["privacy"]["sites"]),
         Paragraph(f"Wall time {report['timing']['wall_s']:.0f} s."),
         Heading(2, "Data"), Paragraph(data.get("citation", "")),
-    ])
+    ]
+
+
+def _attendance_text(report: dict) -> str:
+    """Who was missing in which round: a site with no accepted training update that round."""
+    absent: dict[str, list[int]] = {}
+    for r in report["rounds"]:
+        for site in r["missing"]:
+            absent.setdefault(site, []).append(r["round"])
+    if not absent:
+        return "Every site's training update was accepted in every round."
+    return ("Missing (no accepted training update: absent, failed or rejected): "
+            + "; ".join(f"{site} in round{'s' if len(numbers) > 1 else ''} {_spans(numbers)}"
+                        for site, numbers in sorted(absent.items())) + ".")
+
+
+def _spans(numbers: list[int]) -> str:
+    """1, 2, 3, 5 -> "1–3, 5"."""
+    spans: list[list[int]] = []
+    for n in numbers:
+        if spans and n == spans[-1][1] + 1:
+            spans[-1][1] = n
+        else:
+            spans.append([n, n])
+    return ", ".join(str(a) if a == b else f"{a}–{b}" for a, b in spans)
+
+
+def _trouble(report: dict) -> list[Block]:
+    """Every rejected reply and failure, with its round and reason."""
+    lines = [f"round {r['round']}: update rejected: {text}" for r in report["rounds"]
+             for text in r["rejected"]]
+    lines += [f"round {r['round']}: failed: {text}" for r in report["rounds"]
+              for text in r["failures"]]
+    lines += [f"final evaluation: failed: {text}" for text in report["final"]["failures"]]
+    if not lines:
+        return [Paragraph("No reply was rejected and no site failed.")]
+    return [Paragraph("Rejected replies and failures:"), Items(tuple(lines))]
 
 
 def _sites_table(report: dict) -> Table:
@@ -217,11 +269,11 @@ def _rounds_table(report: dict) -> Table:
         rows.append((str(r["round"]), f"{r['lr']:.2e}",
                      format_number(float(np.mean(losses)) if losses else None),
                      format_number(r["val_loss"]), format_number(g.get("auc")),
-                     format_number(g.get("accuracy")), str(len(r["rejected"])),
-                     ", ".join(r["missing"]) or "none",
+                     format_number(g.get("accuracy")), ", ".join(r["missing"]) or "none",
+                     str(len(r["rejected"])),
                      *((", ".join(r["selected"] or []) or "none",) if selecting else ())))
     return Table(("round", "lr", "mean train loss", "val loss (aggregated)", "global test AUC",
-                  "global test accuracy", "updates rejected", "sites missing",
+                  "global test accuracy", "sites missing", "updates rejected",
                   *(("updates selected",) if selecting else ())), tuple(rows))
 
 

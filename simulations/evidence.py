@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import cv2
 import numpy as np
 from PIL import Image
 from sklearn.metrics import roc_curve
@@ -30,7 +29,7 @@ from medfed.common.model import OFFLINE_IMAGENET, build_model, count_parameters,
 from medfed.common.transforms import build_transform
 from medfed.common.versions import versions
 from medfed.simulations.attacks import describe as describe_attack
-from medfed.simulations.gradcam import grad_cam, overlay
+from medfed.simulations.gradcam import grad_cam, side_by_side
 from medfed.simulations.statistics import (
     at_threshold, bootstrap_ci, mean_std, paired_comparison, youden_threshold,
 )
@@ -314,14 +313,15 @@ def _gradcams(run_dir: Path, run_meta: dict, predictions: dict, *, config, class
                 picks = _confident(test.labels, predicted, probs, label=label, correct=correct,
                                    count=(per_class + (1 if correct else 0)) // 2)
                 for k, i in enumerate(picks):
+                    # The site's image as decoded (a --data DICOM windowed to uint8), the
+                    # same pixels the model's transform starts from; only the model sees the
+                    # resized, normalised tensor.
                     image = test.images[i]
                     rgb = image if image.ndim == 3 else np.repeat(image[:, :, None], 3, axis=2)
                     tensor = transform(image=rgb)["image"]
                     heat = grad_cam(model, tensor, target_class=int(predicted[i]))
-                    shown = cv2.resize(image, (config.data.image_size, config.data.image_size),
-                                       interpolation=cv2.INTER_LINEAR)
                     name = f"gradcam/site{index}-class{label}-{'correct' if correct else 'wrong'}-{k}.png"
-                    Image.fromarray(overlay(shown, heat)).save(run_dir / name)
+                    Image.fromarray(side_by_side(image, heat)).save(run_dir / name)
                     entries.append({"site": site, "true": classes[label],
                                     "predicted": classes[int(predicted[i])],
                                     "probability": round(float(probs[i, predicted[i]]), 4),

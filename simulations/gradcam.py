@@ -1,4 +1,5 @@
-"""Grad-CAM heat maps for any timm CNN, and their overlay on the input image.
+"""Grad-CAM heat maps for any timm CNN, their overlay on the input image, and the pair (image,
+overlay) a reader judges.
 
 Clinicians ask where a model looks before they trust it; Grad-CAM answers with the last
 convolutional feature map weighted by how much each channel raises the target class's logit. It
@@ -15,6 +16,9 @@ import numpy as np
 import torch
 from torch import nn
 from torch.nn import functional as F
+
+# Shorter side, in pixels, of each panel a reader judges: large enough to see anatomy on a screen.
+DISPLAY_MIN = 224
 
 
 def grad_cam(model: nn.Module, image: torch.Tensor, *, target_class: int) -> np.ndarray:
@@ -95,3 +99,27 @@ def overlay(
     colours = matplotlib.colormaps[colormap](np.clip(heat, 0, 1))[..., :3] * 255
     blended = (1 - alpha) * image.astype(np.float32) + alpha * colours
     return np.clip(np.rint(blended), 0, 255).astype(np.uint8)
+
+
+def side_by_side(image_uint8: np.ndarray, heatmap: np.ndarray, *, minimum: int = DISPLAY_MIN,
+                 gap: int = 8) -> np.ndarray:
+    """The image as it was decoded and its Grad-CAM overlay side by side, each panel at least
+    `minimum` pixels on its shorter side; (H, 2W + gap, 3) uint8 RGB on a white background.
+
+    The image is enlarged by a whole factor with nearest-neighbour, so each decoded pixel is
+    shown as a block of equal pixels and no smoothing invents or hides detail. The heat map is
+    enlarged bilinearly (in `overlay`): it comes from a feature grid a few cells wide, and hard
+    cell edges would suggest a sharpness Grad-CAM does not have.
+    """
+    image = np.asarray(image_uint8)
+    if image.ndim == 3 and image.shape[2] == 1:
+        image = image[:, :, 0]
+    if image.ndim == 2:
+        image = np.stack([image] * 3, axis=-1)
+    factor = max(1, -(-minimum // min(image.shape[:2])))
+    enlarged = np.repeat(np.repeat(image, factor, axis=0), factor, axis=1)
+    height, width = enlarged.shape[:2]
+    panel = np.full((height, 2 * width + gap, 3), 255, dtype=np.uint8)
+    panel[:, :width] = enlarged
+    panel[:, width + gap:] = overlay(enlarged, heatmap)
+    return panel

@@ -5,8 +5,9 @@ The renderings present the comparison to clinicians and researchers; they comput
 about the models — every number comes from the report dict (whose statistics come from
 `medfed.simulations.statistics`) — except the mean ± standard deviation over runs per training
 fraction for the data-efficiency curve. Both files are rendered from one list of document blocks
-(`medfed.common.document`), built section by section in `report_results` and `report_study`, so
-they cannot drift apart. The same dict always renders to the same bytes.
+(`medfed.common.document`), built section by section — the answer first, on one screen
+(`report_answer`: a verdict per question and a forest plot), then `report_results` and
+`report_study` — so they cannot drift apart. The same dict always renders to the same bytes.
 """
 
 from __future__ import annotations
@@ -14,12 +15,13 @@ from __future__ import annotations
 from pathlib import Path
 
 from medfed.common.document import Block, Plot, html_page, markdown_page, png
+from medfed.simulations.report_answer import answer_section
 from medfed.simulations.report_fields import GLOBAL, mode_names, report_title, summary_cell
 from medfed.simulations.report_results import RESULT_SECTIONS
 from medfed.simulations.report_study import STUDY_SECTIONS
 from medfed.simulations.report_text import attack_text, mean_std_text
 
-SECTIONS = (*RESULT_SECTIONS, *STUDY_SECTIONS)
+SECTIONS = (answer_section, *RESULT_SECTIONS, *STUDY_SECTIONS)
 
 
 def render_html(report: dict, *, run_dir: Path) -> str:

@@ -71,11 +71,24 @@ def results_at(run: dict, modes: Sequence[str], site: str) -> list[tuple[str, di
     return found
 
 
-def global_auc(entry: dict) -> float | None:
-    """A mode's global test AUC in one run; for local, the best site model's (as in summary)."""
+def final_runs(report: dict) -> list[dict]:
+    """The runs the summary and the paired tests use: those with all the training data."""
+    runs = all_runs(report)
+    largest = max((r["fraction"] for r in runs if r.get("fraction") is not None), default=None)
+    return [r for r in runs if r.get("fraction") in (largest, None)]
+
+
+def global_result(entry: dict) -> dict | None:
+    """A mode's RESULT on the global test set in one run; for local, the best site model's (as
+    in summary)."""
     result = (entry.get("results") or {}).get(GLOBAL)
     if result:
-        return (result.get("metrics") or {}).get("auc")
-    models = (entry.get("local_on_global") or {}).values()
-    aucs = [a for a in ((r.get("metrics") or {}).get("auc") for r in models) if a is not None]
-    return max(aucs) if aucs else None
+        return result
+    models = [r for r in (entry.get("local_on_global") or {}).values()
+              if (r.get("metrics") or {}).get("auc") is not None]
+    return max(models, key=lambda r: r["metrics"]["auc"]) if models else None
+
+
+def global_auc(entry: dict) -> float | None:
+    """A mode's global test AUC in one run; for local, the best site model's (as in summary)."""
+    return ((global_result(entry) or {}).get("metrics") or {}).get("auc")

@@ -207,3 +207,37 @@ def cost_drawer(report: dict, costs: dict[str, tuple]) -> Callable[[], Figure]:
         time_ax.set(ylabel="seconds", title="Wall time")
         return figure
     return draw
+
+
+def forest_drawer(report: dict, rows: list[tuple[str, str, list[tuple[float, tuple | None]]]]
+                  ) -> Callable[[], Figure]:
+    """Global test AUC per mode, one row of (mode, label, points) each: every run as a point with
+    its 95% interval and, over several runs, their mean as a black bar; a row without points says
+    its AUC is not estimable."""
+    def draw() -> Figure:
+        figure = _figure(9.6, 0.7 + 0.3 * max(len(rows), 1))
+        ax = figure.add_subplot()
+        lows = [ci[0] for _, _, points in rows for _, ci in points if ci]
+        left = min([0.5, *lows]) - 0.02
+        ax.axvline(0.5, color="0.75", linestyle=":", linewidth=1)
+        for row, (mode, _, points) in enumerate(rows):
+            color = _color(report, mode)
+            if not points:
+                ax.text(left + 0.01, row, "not estimable", va="center", color="0.35")
+            offsets = np.linspace(-0.22, 0.22, len(points)) if len(points) > 1 else [0.0]
+            for offset, (auc, ci) in zip(offsets, points):
+                if ci:
+                    ax.plot(ci, [row + offset] * 2, color=color, linewidth=1.2, alpha=0.8)
+                ax.plot(auc, row + offset, "o", color=color, markersize=4.5)
+            aucs = [auc for auc, _ in points]
+            if len(aucs) > 1:
+                ax.plot([np.mean(aucs)] * 2, [row - 0.32, row + 0.32], color="black", linewidth=2)
+        ax.set_yticks(range(len(rows)), [label for _, label, _ in rows])
+        ax.tick_params(labelsize=8)
+        ax.set_ylim(len(rows) - 0.5, -0.5)
+        ax.set_xlim(left, 1.0)
+        ax.set_xlabel("global test AUC (dotted line: chance)")
+        ax.grid(axis="x", color="0.9", linewidth=0.8)
+        ax.set_axisbelow(True)
+        return figure
+    return draw

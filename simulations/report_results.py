@@ -9,8 +9,8 @@ from medfed.common.document import Block, Folded, Heading, Items, Paragraph, Plo
 from medfed.common.metrics import MISSING, PER_CLASS_SCALARS, format_number
 from medfed.common.metrics import SCALARS as METRICS
 from medfed.simulations.report_fields import (
-    GLOBAL, all_runs, class_names, first_run, global_auc, mode_entry, mode_names, report_title,
-    results_at, site_names, summary_cell,
+    GLOBAL, all_runs, class_names, first_run, global_auc, mode_entry, mode_names, results_at,
+    site_names, summary_cell,
 )
 from medfed.simulations.report_plots import (
     confusion_drawer, efficiency_drawer, global_curves, roc_drawer, site_curves,
@@ -22,7 +22,7 @@ from medfed.simulations.report_text import (
 from medfed.simulations.statistics import mean_std
 
 
-# --- section 1: title and summary ----------------------------------------------------------------
+# --- section 1: summary ----------------------------------------------------------------
 
 def _summary_section(report: dict) -> list[Block]:
     dataset = report.get("dataset") or {}
@@ -53,8 +53,6 @@ def _summary_section(report: dict) -> list[Block]:
     text.append(f"Runs: {design} ({plural(len(runs), 'run')} in total).")
     if report.get("budget"):
         text.append(sentence(report["budget"]))
-    for comparison in report.get("statistics") or []:
-        text.append(sentence(comparison.get("sentence") or ""))
     glossary = tuple(f"{mode}: {mode_meaning(mode)}" for mode in modes)
     attack = []
     if report.get("attack"):
@@ -64,7 +62,7 @@ def _summary_section(report: dict) -> list[Block]:
             "Results at the attacking sites are reported but flagged \"(attacker)\": they are "
             "not evidence about the method. The attack changes only what the attackers train on or "
             "send back; every test set keeps its true labels.")]
-    return [Heading(1, report_title(report)), Heading(2, "1. Summary"), Paragraph(" ".join(text)),
+    return [Heading(2, "1. Summary"), Paragraph(" ".join(text)),
             *attack, Paragraph("Training modes:"), Items(glossary)]
 
 

@@ -81,9 +81,11 @@ def _gradcam_section(report: dict) -> list[Block]:
     if not examples:
         return [*blocks, Paragraph("No Grad-CAM images in this report.")]
     blocks.append(Paragraph(
-        "Grad-CAM colours the image regions that most influenced the model's decision (warm "
-        "colours: strong influence). Check that the model looks at the anatomy, not at labels, "
-        "borders or devices. p is the probability the model gave to its prediction."))
+        "Each pair shows a test image as the site decoded it (for DICOM, after windowing), "
+        "enlarged without smoothing, and beside it the same image coloured by Grad-CAM: warm "
+        "colours mark the regions that most influenced the model's answer. Check that the model "
+        "looks at the anatomy, not at labels, borders or devices. The probability is the one the "
+        "model gave to its answer."))
     sites = site_names(report)
     sites += [s for s in dict.fromkeys(e.get("site") for e in examples) if s not in sites]
     classes = class_names(report)
@@ -100,11 +102,11 @@ def _gradcam_section(report: dict) -> list[Block]:
 
 
 def _gradcam_caption(example: dict) -> str:
-    verdict = "correct" if example.get("correct") else "wrong"
+    verdict = "Right" if example.get("correct") else "Wrong"
     probability = example.get("probability")
     p = MISSING if probability is None else f"{probability:.2f}"
-    return (f"true {example.get('true')}, predicted {example.get('predicted')} ({verdict}), "
-            f"p={p}")
+    return (f"{verdict}: predicted {example.get('predicted')} with probability {p}; true class "
+            f"{example.get('true')}. Left: the image; right: Grad-CAM.")
 
 
 # --- section 11: model card ----------------------------------------------------------------------

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from medfed.simulations.gradcam import grad_cam, overlay
+from medfed.simulations.gradcam import grad_cam, overlay, side_by_side
 from medfed.common.model import freeze_stages
 
 
@@ -196,3 +196,26 @@ def test_overlay_blends_colormap_over_image():
     assert np.array_equal(overlay(rgb, np.zeros((8, 8)), alpha=0.0), rgb)
     with pytest.raises(ValueError, match="image"):
         overlay(np.zeros((4, 4, 2), dtype=np.uint8), np.zeros((4, 4)))
+
+
+@pytest.mark.parametrize("size, factor", [(28, 8), (64, 4), (224, 1)])
+def test_side_by_side_enlarges_the_image_without_smoothing(size, factor):
+    rng = np.random.default_rng(size)
+    image = rng.integers(0, 256, size=(size, size), dtype=np.uint8)
+    heat = np.zeros((32, 32), dtype=np.float32)
+    heat[:16] = 1.0  # evidence in the upper half only
+    panel = side_by_side(image, heat)
+    shown = size * factor
+    assert panel.shape == (shown, 2 * shown + 8, 3) and panel.dtype == np.uint8
+    # Left: every decoded pixel as a factor x factor block of itself, nothing in between.
+    left = panel[:, :shown]
+    expected = np.kron(image, np.ones((factor, factor), dtype=np.uint8))
+    assert np.array_equal(left, np.stack([expected] * 3, axis=-1))
+    assert (panel[:, shown:shown + 8] == 255).all()
+    # Right: the same pixels under the heat map, warm above and cool below, with a smooth
+    # (bilinear) band between the halves rather than a hard step.
+    right = panel[:, shown + 8:].astype(int)
+    assert np.array_equal(right, overlay(expected, heat).astype(int))
+    assert right[: shown // 4, :, 0].mean() > right[-shown // 4:, :, 0].mean()
+    blues = overlay(np.zeros((shown, shown), np.uint8), heat)[:, shown // 2, 2].astype(int)
+    assert len(np.unique(blues)) > 3

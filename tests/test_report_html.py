@@ -166,7 +166,8 @@ def test_html_states_statistics_ci_and_operating_points(page):
 def test_html_embeds_gradcam_and_notes_unreadable_files(page, run_dir):
     embedded = base64.b64encode((run_dir / "gradcam" / "north-0.png").read_bytes()).decode()
     assert f"data:image/png;base64,{embedded}" in page
-    assert "true pneumonia, predicted pneumonia (correct), p=0.87" in page
+    assert ("Right: predicted pneumonia with probability 0.87; true class pneumonia. Left: the "
+            "image; right: Grad-CAM.") in page
     assert "gradcam/missing.png is missing" in page
     secret = base64.b64encode((run_dir.parent / "secret.png").read_bytes()).decode()
     assert secret not in page and "is outside the run directory" in page
@@ -192,14 +193,15 @@ def test_markdown_has_mode_by_site_table(report):
     assert "0.912 (0.871–0.948)" in text
     assert "<script>" not in text
     headings = [line for line in text.splitlines() if line.startswith("## ")]
-    assert [h.split(".")[0] for h in headings] == [f"## {i}" for i in range(1, 13)]
+    assert headings[0] == "## The answer in brief"
+    assert [h.split(".")[0] for h in headings[1:]] == [f"## {i}" for i in range(1, 13)]
 
 
 def test_sections_in_same_order_in_both_outputs(page, report):
     html_titles = re.findall(r"<h2>([^<]*)</h2>", page)
     md_titles = [line[3:] for line in render_markdown(report).splitlines()
                  if line.startswith("## ")]
-    assert html_titles == md_titles and len(html_titles) == 12
+    assert html_titles == md_titles and len(html_titles) == 13
 
 
 def test_minimal_multiclass_report_renders(tmp_path):
@@ -267,3 +269,84 @@ def test_the_model_card_states_the_privacy_guarantee(report, run_dir):
     changed["model_card"] = {**(changed.get("model_card") or {}), "privacy": sentence}
     assert html.escape(sentence) in render_html(changed, run_dir=run_dir)
     assert sentence in render_markdown(changed)
+
+
+# --- the answer first ----------------------------------------------------------------------------
+
+def _comparison(b: str, *, difference: float, p: float | None, n: int = 10, ties: int = 0,
+                dz: float = 0.9) -> dict:
+    wins = n - ties if difference > 0 else 2
+    return {"label_a": "federated", "label_b": b, "metric": "auc", "n": n, "n_dropped": 0,
+            "mean_difference": difference, "wins": wins, "ties": ties, "losses": n - ties - wins,
+            "wilcoxon_p": p, "ttest_p": p, "cohens_dz": dz, "note": None, "sentence": "…"}
+
+
+def test_the_answer_comes_first_and_reads_the_paired_tests(page, report):
+    text = html.unescape(page)
+    title, answer = text.index("<h1>"), text.index("<h2>The answer in brief</h2>")
+    forest, summary = text.index('alt="Global test AUC per mode'), text.index("<h2>1. Summary")
+    assert title < answer < forest < summary
+    # The report's only test: 4 site x seed pairs, too few for the Wilcoxon test to reach 0.05.
+    assert ("<strong>Federated vs each site training alone: cannot say yet.</strong> Federated "
+            "higher on 4 of 4 site × seed pairs; mean AUC difference +0.052 (d_z 2.31, p = 0.12). "
+            "Too few pairs for the test to reach p < 0.05 (4 differ, 6 needed): add seeds or "
+            "sites.") in text
+    assert "Federated vs pooled (centralized) training: cannot say.</strong> The report holds " \
+           "no test of this comparison." in text
+    # The long statistical sentences left the summary: they are in section 6 alone.
+    assert text[summary:].index(SENTENCE) > text[summary:].index("<h2>6. Statistical")
+
+
+def test_verdicts_decide_at_the_wilcoxon_level(report):
+    changed = copy.deepcopy(report)
+    changed["statistics"] = [
+        _comparison("local", difference=0.05, p=0.002),
+        _comparison("best local site", difference=0.01, p=None, n=2, dz=0.5),
+        _comparison("centralized", difference=-0.031, p=0.01, dz=-1.1),
+        _comparison("scratch", difference=0.004, p=0.43, dz=0.1),
+        _comparison("classical-svm-pixels", difference=0.1, p=0.0004, dz=2.0),
+    ]
+    changed["statistics"][1]["note"] = "all differences are zero: no test or effect size applies"
+    text = render_markdown(changed)
+    for line in (
+        "- **Federated vs each site training alone: yes, federated is better.** Federated higher "
+        "on 10 of 10 site × seed pairs; mean AUC difference +0.050 (d\\_z 0.90, p = 0.002).",
+        "- **Federated vs the best single site's model (global test set): cannot say yet.** "
+        "Federated higher on 2 of 2 seeds; mean AUC difference +0.010 (d\\_z 0.50, p n/a). All "
+        "differences are zero: no test or effect size applies.",
+        "- **Federated vs pooled (centralized) training: federated falls short of pooling.** "
+        "Federated higher on 2 of 10 site × seed pairs; mean AUC difference -0.031 (d\\_z -1.10, "
+        "p = 0.01).",
+        "- **Transfer learning (ImageNet weights) vs training from scratch: no significant "
+        "difference.**",
+        "- **Transfer learning (federated) vs classical machine learning: federated is better "
+        "than 1 of 1.** classical-svm-pixels: +0.100 (d\\_z 2.00, p &lt; 0.001).",
+    ):
+        assert line in text, line
+
+
+def test_a_verdict_that_cannot_be_given_says_why():
+    report = _report(seeds=(0,), fractions=(1.0,))
+    report["modes"] = ["federated", "local"]
+    text = render_markdown(report)
+    assert "**Transfer learning (ImageNet weights) vs training from scratch: cannot say.** " \
+           "scratch was not run (--compare all runs every mode)." in text
+    assert "classical machine learning: cannot say.** No classical baseline was run" in text
+    assert "One seed: each verdict rests on one training run per mode" in text
+    report["modes"] = ["centralized", "local"]
+    assert "Federated training was not run" in render_markdown(report)
+
+
+def test_the_forest_plot_shows_each_mode_and_run(report):
+    assert "forest-global-auc" in figures(report)
+    text = render_markdown(report)
+    assert "| Mode | Run | Global test AUC (95% CI) |" in text
+    final = [r for r in report["runs"] if r["fraction"] == 1.0]
+    for run in final:
+        for mode in MODES:
+            entry = run["modes"][mode]
+            result = (entry["results"].get("global") or
+                      max(entry["local_on_global"].values(), key=lambda r: r["metrics"]["auc"]))
+            low, high = result["ci"]["auc"]
+            cell = f"{result['metrics']['auc']:.3f} ({low:.3f}–{high:.3f})"
+            assert f"| {mode} | seed {run['seed']} | {cell} |" in text, (mode, cell)

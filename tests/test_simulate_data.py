@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 from commands import TINY, medfed
 from imagefiles import write_png
+from PIL import Image
 
 from medfed.common.dataset import load_splits
 
@@ -52,6 +53,18 @@ def test_natural_split_by_site_column(exported, tmp_path):
     assert report["config"]["data"]["equalize"] == "clahe"
     # The global test set is the union of the sites' test splits.
     assert report["final"]["global"]["n"] == sum(s["n"]["test"] for s in report["sites"].values())
+    # Grad-CAM shows the image as the site decoded it (before CLAHE, which only the model sees),
+    # each pixel enlarged 7 times (32 -> 224 px) with nearest-neighbour, beside its overlay.
+    evidence = json.loads((out / "report.json").read_text())
+    entry = evidence["gradcam"][0]
+    panel = np.asarray(Image.open(out / entry["file"]))
+    left = panel[:, :224, 0]
+    small = left[::7, ::7]
+    assert np.array_equal(np.kron(small, np.ones((7, 7), dtype=np.uint8)), left)
+    site = list(evidence["sites"]).index(entry["site"])
+    decoded = load_splits(out / "seed-0" / "sites" / f"site-{site}.npz")["test"].images
+    assert any(np.array_equal(small, image) for image in decoded)
+    assert panel.shape[:2] == (224, 2 * 224 + 8)
 
 
 def test_bad_files_refuse_then_skip(exported, tmp_path):
