@@ -152,8 +152,7 @@ def _reply(message: Message, exchanges: _Exchanges, arrays: ArrayRecord | None, 
     if trained is not None and arrays is not None:
         records = {name: record for name, record in trained.content.items()
                    if not name.startswith("fitres.") and name != RECORD_KEY_CONFIGS}
-        trained.content = RecordDict({**records, ARRAYS: arrays})
-        return trained
+        return Message(RecordDict({**records, ARRAYS: arrays}), reply_to=message)
     if node in exchanges.errors:
         return exchanges.errors[node]
     if arrays is None:
