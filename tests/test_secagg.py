@@ -9,9 +9,11 @@ those of the same sites without secure aggregation, aggregated by the same Medfe
 from __future__ import annotations
 
 import copy
+import json
 
 import numpy as np
 import pytest
+import torch
 from flwr.app import (
     Array, ArrayRecord, ConfigRecord, Context, Error, Message, MetricRecord, RecordDict,
 )
@@ -32,6 +34,7 @@ from medfed.common.schedule import FINETUNE, HEAD, PlateauSchedule, Stages
 from medfed.server.aggregation import make_flower_strategy
 from medfed.server.secagg import SecureGrid
 from medfed.server.strategy import MedfedStrategy
+from tests.commands import TINY, medfed
 from tests.conftest import evaluation_record
 
 SITES = {1: "a", 2: "b", 3: "c"}
@@ -74,9 +77,18 @@ class LocalGrid:
         return replies
 
 
-def _update(site: str) -> np.ndarray:
+START = {"weight": np.linspace(-1, 1, 6, dtype=np.float32).reshape(2, 3),
+         "bias": np.array([0.1, -0.2], dtype=np.float32)}
+
+
+def _update(site: str) -> dict[str, np.ndarray]:
     """What a site's training adds to the global arrays: different at every site."""
-    return np.random.default_rng(ord(site)).normal(0, 0.1, size=6).astype(np.float32)
+    rng = np.random.default_rng(ord(site))
+    return {k: rng.normal(0, 0.1, size=v.shape).astype(np.float32) for k, v in START.items()}
+
+
+def _gap(a: dict[str, np.ndarray], b: dict[str, np.ndarray]) -> float:
+    return max(float(np.abs(a[k] - b[k]).max()) for k in START)
 
 
 def _site_app(*, secure: bool, failing: str | None = None, bad_loss: str | None = None,
@@ -89,11 +101,12 @@ def _site_app(*, secure: bool, failing: str | None = None, bad_loss: str | None 
         site = SITES[message.metadata.dst_node_id]
         if site == failing:
             raise RuntimeError(f"{site} crashed while training")
-        received = message.content[messages.ARRAYS]["w"].numpy()
+        received = message.content[messages.ARRAYS]
         loss = float("nan") if site == bad_loss else 0.5
-        update = _update(site) + np.float32(100 * (site == far))
+        trained = {k: received[k].numpy() + u + np.float32(100 * (site == far))
+                   for k, u in _update(site).items()}
         return Message(RecordDict({
-            messages.ARRAYS: ArrayRecord({"w": Array(received + update)}),
+            messages.ARRAYS: ArrayRecord({k: Array(v) for k, v in trained.items()}),
             messages.METRICS: MetricRecord({messages.WEIGHT_KEY: EXAMPLES[site],
                                             messages.TRAIN_LOSS: loss}),
             messages.EVALUATION: evaluation_record(),
@@ -106,7 +119,7 @@ def _site_app(*, secure: bool, failing: str | None = None, bad_loss: str | None 
 def _strategy(*, secure: bool) -> MedfedStrategy:
     config = Config()
     config.privacy.secagg = secure
-    keys = ["w"]
+    keys = list(START)
     return MedfedStrategy(
         make_flower_strategy(config, num_sites=3), statistic_keys=[],
         schedule=PlateauSchedule(lr=1e-3, federation=config.federation),
@@ -117,30 +130,28 @@ def _strategy(*, secure: bool) -> MedfedStrategy:
         max_examples=10_000, secagg=secure)
 
 
-START = np.linspace(-1, 1, 6).astype(np.float32)
-
-
 def _round(grid, *, secure: bool):
     """One training round of MedfedStrategy over `grid`: the new global arrays and its record."""
     strategy = _strategy(secure=secure)
-    start = ArrayRecord({"w": Array(START)})
+    start = ArrayRecord({k: Array(v) for k, v in START.items()})
     sent = strategy.configure_train(1, start, ConfigRecord(), grid)
     arrays, _ = strategy.aggregate_train(1, grid.send_and_receive(sent, timeout=60))
-    return (None if arrays is None else arrays["w"].numpy()), strategy.rounds[1]
+    return (None if arrays is None else {k: a.numpy() for k, a in arrays.items()}), strategy.rounds[1]
 
 
-def _fedavg(sites) -> np.ndarray:
+def _fedavg(sites) -> dict[str, np.ndarray]:
     total = sum(EXAMPLES[s] for s in sites)
-    return START + sum(EXAMPLES[s] * _update(s).astype(np.float64) for s in sites) / total
+    return {k: v + sum(EXAMPLES[s] * _update(s)[k].astype(np.float64) for s in sites) / total
+            for k, v in START.items()}
 
 
 def test_the_secagg_aggregate_equals_plain_fedavg_of_the_same_replies():
     plain, _ = _round(LocalGrid(_site_app(secure=False)), secure=False)
     sites = LocalGrid(_site_app(secure=True))
     secure, record = _round(SecureGrid(sites, max_weight=max(EXAMPLES.values())), secure=True)
-    np.testing.assert_allclose(plain, _fedavg("abc"), atol=1e-6)
+    assert _gap(plain, _fedavg("abc")) < 1e-6
     # Within quantization: each of three sites within one level of its weighted share.
-    assert np.abs(secure - plain).max() <= 3 * LEVEL + 1e-6, np.abs(secure - plain).max()
+    assert _gap(secure, plain) <= 3 * LEVEL + 1e-6, _gap(secure, plain)
     assert sorted(record.train) == ["a", "b", "c"] and not record.failures
     assert {s: v["n"] for s, v in record.train.items()} == EXAMPLES
     assert sorted(record.evaluate) == [] and not record.missing  # round 1: nothing to judge yet
@@ -152,9 +163,9 @@ def test_the_secagg_aggregate_equals_plain_fedavg_of_the_same_replies():
         assert all(len(record) == 0 for record in reply.content.array_records.values())
         vectors = [bytes_to_ndarray(b) for b in
                    reply.content.config_records[RECORD_KEY_CONFIGS][Key.MASKED_PARAMETERS]]
-        alone = dequantize(vectors[1:], messages.SECAGG_RANGE, 2**22)[0]
+        alone = dict(zip(START, dequantize(vectors[1:], messages.SECAGG_RANGE, 2**22)))
         site = messages.declared_name(reply)
-        assert np.abs(alone - _update(site)).mean() > 1.0, site
+        assert all(np.abs(alone[k] - u).mean() > 1.0 for k, u in _update(site).items()), site
 
 
 @pytest.mark.parametrize("failure", ["raises", "out of range"])
@@ -162,7 +173,7 @@ def test_one_site_dropping_out_is_tolerated_and_the_rest_aggregate(failure):
     # Out of range: site c's update goes past SecAgg+'s range; it refuses to send it clipped.
     app = _site_app(secure=True, **({"failing": "c"} if failure == "raises" else {"far": "c"}))
     secure, record = _round(SecureGrid(LocalGrid(app), max_weight=90), secure=True)
-    assert np.abs(secure - _fedavg("ab")).max() <= 2 * LEVEL + 1e-6
+    assert _gap(secure, _fedavg("ab")) <= 2 * LEVEL + 1e-6
     assert sorted(record.train) == ["a", "b"] and record.missing == ["c"]
     reason = "crashed while training" if failure == "raises" else "beyond SecAgg+'s range"
     assert len(record.failures) == 1 and reason in record.failures[0], record.failures
@@ -176,7 +187,7 @@ def test_a_rejected_reply_voids_the_round_its_update_is_inside_the_sum():
     assert any("cannot be taken out" in failure for failure in record.failures)
     # Without secure aggregation the same reply is simply left out.
     plain, _ = _round(LocalGrid(_site_app(bad_loss="b", secure=False)), secure=False)
-    np.testing.assert_allclose(plain, _fedavg("ac"), atol=1e-6)
+    assert _gap(plain, _fedavg("ac")) < 1e-6
 
 
 # --- refused before any training -----------------------------------------------------------------
@@ -207,3 +218,27 @@ def test_secagg_needs_three_sites_each_round_and_simulation():
     check_sites(validate(_config()), sites=3)
     with pytest.raises(MedfedError, match=r"`medfed simulate` only"):
         check_deployment(validate(_config()), sites=5, min_sites=5)
+
+
+# --- medfed simulate --secagg, end to end ---------------------------------------------------------
+
+@pytest.mark.slow
+def test_simulate_with_secagg_equals_the_plain_run_within_quantization(tmp_path, medmnist_dir):
+    """The same seeded round on Flower's Simulation Engine with and without --secagg: the sites
+    train the same updates from the same global model, so the two aggregates differ by SecAgg+'s
+    quantization alone."""
+    arrays, reports = {}, {}
+    for name, extra in (("plain", []), ("secure", ["--secagg"])):
+        out = tmp_path / name
+        result = medfed("simulate", "--dataset", "breastmnist", "--sites", "3", "--alpha", "1.0",
+                        "--rounds", "1", "--seed", "0", *TINY, "--compare", "federated",
+                        "--set", "simulation.cpus_per_site=1", "--out", str(out), *extra,
+                        data_dir=medmnist_dir)
+        assert result.returncode == 0, result.stdout + result.stderr
+        run = out / "seed-0" / "federated"
+        arrays[name] = torch.load(run / "checkpoint.pt", weights_only=False)["arrays"]
+        reports[name] = json.loads((run / "report.json").read_text())
+    assert "under secure aggregation (SecAgg+)" in result.stdout
+    gap = max(float(np.abs(arrays["secure"][k] - v).max()) for k, v in arrays["plain"].items())
+    assert gap <= 3 * LEVEL + 1e-6, gap
+    assert "only the weighted sum of the sites' updates" in reports["secure"]["privacy"]["guarantee"]
