@@ -145,19 +145,21 @@ class SecureGrid:
 def _reply(message: Message, exchanges: _Exchanges, arrays: ArrayRecord | None, *, sites: int
            ) -> Message | None:
     """What MedfedStrategy receives for one site's training message: the site's own records with
-    the new global arrays when its masked update is in the sum, its error when it dropped out, an
-    error when the sum could not be unmasked, nothing when it never answered."""
+    the new global arrays when its masked update is in the sum; when the sum could not be
+    unmasked, an error saying so for a site that sent its masked update; otherwise its own
+    error, or nothing when it never answered."""
     node = message.metadata.dst_node_id
     trained = exchanges.trained.get(node)
     if trained is not None and arrays is not None:
         records = {name: record for name, record in trained.content.items()
                    if not name.startswith("fitres.") and name != RECORD_KEY_CONFIGS}
         return Message(RecordDict({**records, ARRAYS: arrays}), reply_to=message)
-    if node in exchanges.errors:
-        return exchanges.errors[node]
-    if arrays is None:
+    if trained is not None or (arrays is None and node not in exchanges.errors):
+        # Flower 1.42 also halts when a site is lost while the keys are shared: the unmasking
+        # stage asks the others for key shares that site never sent (secaggplus_mod._unmask).
         return Message(Error(code=ErrorCode.UNKNOWN,
-                             reason=f"secure aggregation halted: fewer than {sites - 1} of the "
-                                    f"{sites} sites took part in every stage of SecAgg+"),
+                             reason=f"secure aggregation halted: the masked sum of the {sites} "
+                                    f"sites' updates could not be unmasked; the global model "
+                                    f"stays as it was"),
                        reply_to=message)
-    return None
+    return exchanges.errors.get(node)

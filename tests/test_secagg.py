@@ -179,6 +179,26 @@ def test_one_site_dropping_out_is_tolerated_and_the_rest_aggregate(failure):
     assert len(record.failures) == 1 and reason in record.failures[0], record.failures
 
 
+class KeysLost(LocalGrid):
+    """Site c answers SecAgg+'s first stage (key setup) with an error."""
+
+    def send_and_receive(self, messages, *, timeout=None) -> list[Message]:
+        lost = [m for m in messages if m.metadata.dst_node_id == 3 and RECORD_KEY_CONFIGS in
+                m.content.config_records and m.content[RECORD_KEY_CONFIGS][Key.STAGE] == "setup"]
+        errors = [Message(Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason="c is gone"),
+                          reply_to=m) for m in lost]
+        return super().send_and_receive([m for m in messages if m not in lost]) + errors
+
+
+def test_a_site_lost_while_keys_are_shared_halts_the_round_and_says_so():
+    # Flower 1.42's limit: the survivors are asked for key shares the lost site never sent.
+    arrays, record = _round(SecureGrid(KeysLost(_site_app(secure=True)), max_weight=90),
+                            secure=True)
+    assert arrays is None and record.missing == ["a", "b", "c"] and not record.train
+    assert sum("secure aggregation halted" in f for f in record.failures) == 2, record.failures
+    assert any("c is gone" in f for f in record.failures)
+
+
 def test_a_rejected_reply_voids_the_round_its_update_is_inside_the_sum():
     grid = SecureGrid(LocalGrid(_site_app(bad_loss="b", secure=True)), max_weight=90)
     arrays, record = _round(grid, secure=True)
