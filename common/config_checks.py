@@ -135,8 +135,8 @@ def check_sites(config: Config, *, sites: int, sampled: int | None = None,
                f"1 to {sites - 1} attacking sites (fewer than the study's {sites} sites)")
     replies = max(1, round(f.fraction_train * sites)) if sampled is None else sampled
     if why is None:
-        why = f"the study has {sites} sites" + (
-            f", {replies} sampled per round (federation.fraction_train)" if replies != sites else "")
+        sampling = f", {replies} sampled per round (federation.fraction_train)"
+        why = f"the study has {sites} sites" + (sampling if replies != sites else "")
     if config.privacy.secagg and replies < SECAGG_MIN_SITES:
         raise MedfedError(f"--secagg needs at least {SECAGG_MIN_SITES} sites training each round "
                           f"(with two, the sum less one's own update is the other's), but {why}: "

@@ -24,7 +24,9 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 import numpy as np
-from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Error, Message, MessageType, RecordDict
+from flwr.app import (
+    Array, ArrayRecord, ConfigRecord, Context, Error, Message, MessageType, RecordDict,
+)
 from flwr.common import FitIns, FitRes, Parameters, ndarrays_to_parameters, parameters_to_ndarrays
 from flwr.common.constant import ErrorCode
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS
@@ -50,7 +52,7 @@ class LegacyFit(FedAvg):
     def __init__(self, messages: list[Message], *, grid: Grid) -> None:
         super().__init__()
         self.messages = messages
-        self.sent = messages[0].content[ARRAYS]
+        self.sent = {key: a.numpy() for key, a in messages[0].content[ARRAYS].items()}
         self.proxies = {m.metadata.dst_node_id: GridClientProxy(m.metadata.dst_node_id, grid,
                                                                 m.metadata.run_id)
                         for m in messages}
@@ -58,7 +60,7 @@ class LegacyFit(FedAvg):
 
     def configure_fit(self, server_round: int, parameters: Parameters,
                       client_manager: ClientManager) -> list[tuple[ClientProxy, FitIns]]:
-        names = list(self.sent.keys())
+        names = list(self.sent)
         return [(self.proxies[m.metadata.dst_node_id],
                  FitIns(parameters, {**m.content[CONFIG], ARRAY_KEYS: names}))
                 for m in self.messages]
@@ -68,8 +70,8 @@ class LegacyFit(FedAvg):
         update, metrics = super().aggregate_fit(server_round, results, failures)
         if update is None:
             return None, metrics
-        new = {key: np.asarray(self.sent[key].numpy() + mean, dtype=self.sent[key].numpy().dtype)
-               for key, mean in zip(self.sent.keys(), parameters_to_ndarrays(update), strict=True)}
+        new = {key: np.asarray(sent + mean, dtype=sent.dtype) for (key, sent), mean
+               in zip(self.sent.items(), parameters_to_ndarrays(update), strict=True)}
         self.arrays = ArrayRecord({key: Array(value) for key, value in new.items()})
         return ndarrays_to_parameters(list(new.values())), metrics
 
@@ -121,8 +123,8 @@ class SecureGrid:
     def _secure_round(self, messages: list[Message], *, timeout: float | None) -> list[Message]:
         n = len(messages)
         if n < SECAGG_MIN_SITES:
-            raise RuntimeError(f"secure aggregation needs {SECAGG_MIN_SITES} or more sites in a round; "
-                               f"only {n} could be asked this round")
+            raise RuntimeError(f"secure aggregation needs {SECAGG_MIN_SITES} or more sites in a "
+                               f"round; only {n} could be asked this round")
         strategy = LegacyFit(messages, grid=self._grid)
         clients = SimpleClientManager()
         for proxy in strategy.proxies.values():
@@ -133,7 +135,7 @@ class SecureGrid:
             strategy=strategy, client_manager=clients)
         context.state.config_records[MAIN_CONFIGS_RECORD] = ConfigRecord(
             {Key.CURRENT_ROUND: int(messages[0].content[CONFIG]["server-round"])})
-        context.state.array_records[MAIN_PARAMS_RECORD] = strategy.sent
+        context.state.array_records[MAIN_PARAMS_RECORD] = messages[0].content[ARRAYS]
         exchanges = _Exchanges(self._grid)
         SecAggPlusWorkflow(num_shares=n, reconstruction_threshold=n - 1,
                            max_weight=float(self.max_weight), clipping_range=SECAGG_RANGE,

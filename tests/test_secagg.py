@@ -136,7 +136,8 @@ def _round(grid, *, secure: bool):
     start = ArrayRecord({k: Array(v) for k, v in START.items()})
     sent = strategy.configure_train(1, start, ConfigRecord(), grid)
     arrays, _ = strategy.aggregate_train(1, grid.send_and_receive(sent, timeout=60))
-    return (None if arrays is None else {k: a.numpy() for k, a in arrays.items()}), strategy.rounds[1]
+    new = None if arrays is None else {k: a.numpy() for k, a in arrays.items()}
+    return new, strategy.rounds[1]
 
 
 def _fedavg(sites) -> dict[str, np.ndarray]:
@@ -261,4 +262,5 @@ def test_simulate_with_secagg_equals_the_plain_run_within_quantization(tmp_path,
     assert "under secure aggregation (SecAgg+)" in result.stdout
     gap = max(float(np.abs(arrays["secure"][k] - v).max()) for k, v in arrays["plain"].items())
     assert gap <= 3 * LEVEL + 1e-6, gap
-    assert "only the weighted sum of the sites' updates" in reports["secure"]["privacy"]["guarantee"]
+    guarantee = reports["secure"]["privacy"]["guarantee"]
+    assert "only the weighted sum of the sites' updates" in guarantee, guarantee
