@@ -341,12 +341,6 @@ def test_ten_thousand_sites_is_one_short_line(tmp_path, good_data):
     assert "10,000 sites leave too few examples" in line and "use at most 6 --sites" in line
 
 
-def test_secure_aggregation_with_two_sites_is_one_line_before_any_training(tmp_path, good_data):
-    line = one_line_error(simulate(good_data, tmp_path / "run", "--secagg", sites="2"))
-    assert "--secagg needs at least 3 sites training each round" in line, line
-    assert not (tmp_path / "run").exists() and not (tmp_path / "run.incomplete").exists()
-
-
 def test_long_lists_in_messages_name_a_few_and_count_the_rest():
     assert few([f"site-{i}" for i in range(10_000)]) == (
         "site-0, site-1, site-2, site-3, site-4 and 9,995 more")

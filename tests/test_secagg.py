@@ -23,7 +23,9 @@ from flwr.common.constant import ErrorCode
 from flwr.common.secure_aggregation.quantization import dequantize
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key
 from flwr.supercore.task_identity import TaskIdentity
+from typer.testing import CliRunner
 
+from medfed.cli.main import app as cli
 from medfed.client.secagg import SECURE_TRAIN_MODS
 from medfed.common import messages
 from medfed.common.config import Config
@@ -239,6 +241,16 @@ def test_secagg_needs_three_sites_each_round_and_simulation():
     check_sites(validate(_config()), sites=3)
     with pytest.raises(MedfedError, match=r"`medfed simulate` only"):
         check_deployment(validate(_config()), sites=5, min_sites=5)
+
+
+def test_simulate_secagg_with_two_sites_is_one_error_line_before_any_training(tmp_path):
+    out = tmp_path / "run"
+    result = CliRunner().invoke(cli, ["simulate", "--dataset", "breastmnist", "--sites", "2",
+                                      "--secagg", "--rounds", "1", *TINY, "--out", str(out)])
+    assert result.exit_code == 2, result.output
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: --secagg needs at least 3 sites"), lines
+    assert not out.exists() and not out.with_name("run.incomplete").exists()
 
 
 # --- medfed simulate --secagg, end to end ---------------------------------------------------------
