@@ -13,8 +13,8 @@ hand-over Flower itself makes to a legacy `aggregate_fit`, where every result ca
 aggregate. Every other message (evaluation, roll call) passes through untouched.
 
 A site sends its update (client/secagg.py) weighted by its training examples over the largest
-site's (`max_weight`), clipped to +/- messages.SECAGG_RANGE, quantized into 2**22 levels and
-masked modulo 2**32 (Flower's defaults). Every sampled site shares its keys with every other
+site's (`max_weight`), quantized into 2**22 levels over +/- messages.SECAGG_RANGE and masked
+modulo 2**32 (Flower's defaults). Every sampled site shares its keys with every other
 (num_shares = n) and any n - 1 of them can unmask (reconstruction_threshold = n - 1): a site that
 drops out after sharing its keys is left out of the sum and the round aggregates the rest.
 """
