@@ -99,7 +99,8 @@ def simulate(
         None, help="--dp sample: instead of --epsilon; --dp client: the noise, in units of --clip."),
     clip: Optional[float] = typer.Option(None, help="--dp client: each site's update is clipped to this L2 norm."),
     secagg: Optional[bool] = typer.Option(
-        None, "--secagg", help="Secure aggregation (refused: see the README's privacy section)."),
+        None, "--secagg", help="Secure aggregation (Flower's SecAgg+): the server sees only the sum of the "
+                               "sites' updates; 3 or more sites."),
     set_: list[str] = typer.Option([], "--set", help="Override any config key: section.key=value."),
     verbose: bool = typer.Option(False, help="Show Flower's and Ray's own logs."),
 ) -> None:

@@ -30,6 +30,9 @@ DP_MODES = ("none", "sample", "client")
 # Strategies whose aggregate is a mean of the updates: the only ones client-level DP calibrates
 # its noise for (FedAvgM, FedAdam and FedYogi then post-process the noised mean).
 MEAN_STRATEGIES = ("fedavg", "fedprox", "fedavgm", "fedadam", "fedyogi")
+# Secure aggregation hides a site's update only among three or more: with two, the sum less one's
+# own update is the other's.
+SECAGG_MIN_SITES = 3
 DEVICES = ("auto", "cpu", "cuda")
 SELECTIONS = ("auc", "loss")
 MEDMNIST_RESOLUTIONS = (28, 64, 128, 224)
@@ -195,7 +198,8 @@ class PrivacyConfig:
     noise_multiplier: float | None = None
     # client: each site's update (its change to the global model) is clipped to this L2 norm.
     clip: float = 1.0
-    # Secure aggregation (SecAgg+); see the README's privacy section for why it is refused.
+    # Secure aggregation (Flower's SecAgg+, simulation only; with DP-SGD or without DP): the
+    # server sees only the weighted sum of the sites' updates (README's privacy section).
     secagg: bool = False
 
 

@@ -10,7 +10,8 @@ from typing import Any
 
 from medfed.common.config import (
     ATTACKS, BN_POLICIES, BYZANTINE_MINIMUM, DEVICES, DP_MODES, EQUALIZERS, MAX_SEED, MEAN_STRATEGIES,
-    MEDMNIST_RESOLUTIONS, MODES, OPTIMIZERS, PARTITIONS, SELECTIONS, STRATEGIES, Config,
+    MEDMNIST_RESOLUTIONS, MODES, OPTIMIZERS, PARTITIONS, SECAGG_MIN_SITES, SELECTIONS, STRATEGIES,
+    Config,
 )
 from medfed.common.errors import MedfedError
 from medfed.common.medmnist_catalogue import DATASETS
@@ -139,22 +140,27 @@ def resolve(config: Config) -> Config:
 def check_sites(config: Config, *, sites: int, sampled: int | None = None,
                 why: str | None = None) -> None:
     """What depends on the number of sites, once it is known (a simulation's partition, a
-    deployment's sites.yaml): the attackers of a simulated attack, and the malicious sites a
-    robust strategy is told to tolerate with `sampled` training replies per round (default: the
-    sites `federation.fraction_train` samples; `why` says where a smaller number comes from)."""
+    deployment's sites.yaml): the attackers of a simulated attack, the three sites secure
+    aggregation needs, and the malicious sites a robust strategy is told to tolerate, with
+    `sampled` training replies per round (default: the sites `federation.fraction_train` samples;
+    `why` says where a smaller number comes from)."""
     a, f = config.attack, config.federation
     if a.kind != "none":
         _check(a.sites < sites, "attack.sites", a.sites,
                f"1 to {sites - 1} attacking sites (fewer than the study's {sites} sites)")
+    replies = max(1, round(f.fraction_train * sites)) if sampled is None else sampled
+    if why is None:
+        sampling = f", {replies} sampled per round (federation.fraction_train)"
+        why = f"the study has {sites} sites" + (sampling if replies != sites else "")
+    if config.privacy.secagg and replies < SECAGG_MIN_SITES:
+        raise MedfedError(f"--secagg needs at least {SECAGG_MIN_SITES} sites training each round "
+                          f"(with two, the sum less one's own update is the other's), but {why}: "
+                          f"add sites or leave out --secagg")
     if f.strategy not in BYZANTINE_MINIMUM:
         return
-    replies = max(1, round(f.fraction_train * sites)) if sampled is None else sampled
     per_attacker, extra = BYZANTINE_MINIMUM[f.strategy]
     needed = per_attacker * f.byzantine + extra
     if replies < needed:
-        if why is None:
-            why = f"the study has {sites} sites" + (
-                f", {replies} sampled per round (federation.fraction_train)" if replies != sites else "")
         raise MedfedError(
             f"federation.strategy={f.strategy} with federation.byzantine={f.byzantine} needs at "
             f"least {needed} sites training each round ({per_attacker}f + {extra}), but {why}: "
@@ -181,8 +187,13 @@ def _items(text: str, kind: type, key: str) -> list:
 
 
 def check_deployment(config: Config, *, sites: int, min_sites: int) -> None:
-    """A study across real hospitals: no simulated attack, and a robust strategy that can
-    tolerate its assumed malicious sites even when only `min_sites` sites train."""
+    """A study across real hospitals: no secure aggregation (simulation only) nor simulated
+    attack, and a robust strategy that can tolerate its assumed malicious sites even when only
+    `min_sites` sites train."""
+    if config.privacy.secagg:
+        raise MedfedError("privacy.secagg: secure aggregation runs in `medfed simulate` only (the "
+                          "deployed site app has no SecAgg+ mod); remove secagg from the study's "
+                          "config")
     if config.attack.kind != "none" or config.attack.sites:
         raise MedfedError(f"attack.kind={config.attack.kind}: simulated attacks are for `medfed "
                           f"simulate` only; remove the attack section from the study's config")
@@ -211,10 +222,13 @@ def _validate_privacy(config: Config) -> None:
     _check(p.clip > 0, "privacy.clip", p.clip, "a number > 0")
     _check(p.noise_multiplier is None or p.noise_multiplier >= 0, "privacy.noise_multiplier",
            p.noise_multiplier, "0 or more")
-    _check(not p.secagg, "privacy.secagg", p.secagg,
-           "false: Flower 1.42's SecAgg+ runs only on its legacy strategy API (configure_fit / "
-           "aggregate_fit over four message rounds), which medfed's Message-API strategy does not "
-           "use; see the README's privacy section")
+    if p.secagg:
+        _check(f.strategy in MEAN_STRATEGIES, "federation.strategy", f.strategy,
+               f"{', '.join(MEAN_STRATEGIES)} with --secagg (the server sees only the weighted "
+               f"sum of the updates; a median, trimmed mean or Krum needs each one)")
+        _check(p.dp != "client", "privacy.dp", p.dp,
+               "none or sample with --secagg (client-level DP clips each update at the server, "
+               "which under secure aggregation sees only their sum)")
     if p.dp == "sample":
         _check(p.epsilon is not None or p.noise_multiplier is not None, "privacy.epsilon",
                p.epsilon, "a budget > 0 with --dp sample (or give --noise-multiplier)")

@@ -14,6 +14,9 @@ beyond the arrays themselves (common/wire.py), with the one builder and the one 
 * With DP-SGD, a training reply's privacy record: the site's spend over the study so far
   (epsilon, delta, noise multiplier, clipping norm, sample rate, steps, budget).
 * The key under which a site keeps its never-sent state between rounds in Flower's Context.
+* Under secure aggregation (`--secagg`), the names of the arrays Flower's legacy fit instruction
+  carries unnamed (`array-keys`, in the round config), and the range every update value must lie
+  in for SecAgg+'s quantization.
 """
 
 from __future__ import annotations
@@ -42,6 +45,10 @@ TRAIN_LOSS = "train-loss"
 COMPUTE_SECONDS, TRAIN_SECONDS, PEAK_MB = "compute-s", "train-s", "peak-mb"
 EVALUATED_SPLITS = ("val", "test")
 LOCAL_STATE = "medfed-local-state"   # Context.state key; never on the wire
+ARRAY_KEYS = "array-keys"            # --secagg: the legacy fit instruction's array names, in order
+# --secagg: SecAgg+ clips each value of an update to +/- this before quantizing it into 2**22
+# levels (Flower's default); a site refuses to send an update beyond it rather than have it clipped.
+SECAGG_RANGE = 8.0
 
 
 def round_config(config: Config, *, classes: list[str], study: str,

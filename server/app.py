@@ -36,6 +36,7 @@ from medfed.server.run_files import ERROR_FILE, NODES_FILE, PROGRESS_FILE
 from medfed.server.aggregation import make_flower_strategy
 from medfed.server.records import RoundRecord
 from medfed.server.sampling import RegisteredNodes, site_name
+from medfed.server.secagg import SecureGrid
 from medfed.server.strategy import MedfedStrategy
 
 
@@ -54,6 +55,7 @@ def run_server(
     resume: bool = False,
     roll_call: bool = False,
     registry: dict[int, str] | None = None,
+    max_site_examples: int | None = None,
     progress: Callable[[str], None] = print,
 ) -> dict:
     """Run the whole federation and write its outputs into `run_dir`; return the report.
@@ -62,7 +64,9 @@ def run_server(
     with those present when at least `min_sites` (default: all) joined; a simulation's virtual
     sites exist by construction. A checkpoint is written after every round; `resume` continues
     from the checkpoint in `run_dir`. `registry` (deployment: Flower node id -> the site registered
-    with that key) names the sites; nodes outside it are neither asked nor counted."""
+    with that key) names the sites; nodes outside it are neither asked nor counted. With
+    `privacy.secagg` (simulation only) training goes through SecAgg+ (server/secagg.py), whose
+    weights are divided by `max_site_examples`, the largest site's training examples."""
     started = time.perf_counter()
     min_sites = len(expected_sites) if min_sites is None else min_sites
     num_classes = len(dataset["classes"])
@@ -113,6 +117,7 @@ def run_server(
         max_examples=config.federation.max_examples,
         dp=config.privacy.dp,
         clip_delta=config.privacy.delta or DEFAULT_DELTA,
+        secagg=config.privacy.secagg,
         on_event=lambda event, record: _report_progress(event, record, progress, config),
     )
     arrays, done = initial, 0
@@ -143,13 +148,16 @@ def run_server(
                             strategy_state=strategy.state_dict(), config_json=config.to_json())
         return MetricRecord({k: result[k] for k in SCALARS if result[k] is not None}) if result else None
 
+    if config.privacy.secagg:
+        grid = SecureGrid(grid, max_weight=max_site_examples)
     present = expected_sites
     if roll_call:
         present = wait_for_sites(grid, expected=expected_sites, min_sites=min_sites, wait_s=wait_s,
                                  round_config=round_config, registry=registry, progress=progress)
     head_payload = wire.record_bytes(ArrayRecord({k: initial[k] for k in stage_keys[HEAD]}))
     progress(f"{len(present)} sites, {config.federation.rounds} rounds of {config.federation.strategy}"
-             f" ({stages.plan(config.federation.rounds)}); {trainable:,} of {total:,} "
+             + (" under secure aggregation (SecAgg+)" if config.privacy.secagg else "")
+             + f" ({stages.plan(config.federation.rounds)}); {trainable:,} of {total:,} "
              f"parameters trainable ({wire.record_bytes(initial) / 1e6:.2f} MB per payload"
              + (f", {head_payload / 1e3:.1f} kB in the head stage)" if stages.head_rounds else ")"))
     remaining = config.federation.rounds - done

@@ -94,7 +94,8 @@ def build_report(
 
 
 def privacy_summary(settings: dict, rounds: dict[int, RoundRecord]) -> dict:
-    """What the run's differential privacy guarantees, in numbers and in one plain sentence."""
+    """What the run's differential privacy guarantees, in numbers and in one plain sentence (and
+    one more under secure aggregation)."""
     mode = settings["dp"]
     summary = {"dp": mode, "sites": {}, "guarantee": ""}
     if mode == "sample":
@@ -126,6 +127,10 @@ def privacy_summary(settings: dict, rounds: dict[int, RoundRecord]) -> dict:
     else:
         summary["guarantee"] = ("No differential privacy: images never leave a site, but the "
                                 "updates sent carry no formal guarantee.")
+    if settings["secagg"]:
+        summary["guarantee"] += (" The server saw only the weighted sum of the sites' updates in "
+                                 "every round, never one site's (secure aggregation, Flower's "
+                                 "SecAgg+).")
     return summary
 
 

@@ -12,6 +12,9 @@
 * one message per round and site: the sites evaluate the global model they receive before
   training on it and return both, so the model after round r is judged from round r + 1's
   training replies; only the last round's aggregate gets an evaluation message of its own;
+* under secure aggregation (server/secagg.py) every accepted reply carries the same unmasked
+  aggregate, and a rejected reply voids the round: its update is inside the sum and cannot be
+  taken out;
 * its whole state can be saved and restored, and a resumed run numbers its rounds from where the
   checkpoint left off (`round_offset`), so a resumed run equals an uninterrupted one.
 
@@ -78,6 +81,7 @@ class MedfedStrategy(Strategy):
         max_examples: int,
         dp: str = "none",
         clip_delta: float = 1e-5,
+        secagg: bool = False,
         registry: dict[int, str] | None = None,
         on_event: Callable[[str, RoundRecord], None] = lambda event, record: None,
     ) -> None:
@@ -91,6 +95,7 @@ class MedfedStrategy(Strategy):
             base=self.base, registry=registry, sites=len(expected_sites), min_sites=min_sites,
             wait_s=wait_s)
         self.dp = dp
+        self.secagg = secagg
         self.schedule = schedule
         self.selection = ModelSelection(schedule, criterion=selection)
         self.stages = stages
@@ -240,6 +245,11 @@ class MedfedStrategy(Strategy):
                 self.schedule.restart(self.stages.start_lr(self.stage))
         valid = [reply for _, reply in accepted]
         if not valid:
+            return None, None
+        if self.secagg and rejections:
+            record.failures.append("secure aggregation: the sum holds the rejected sites' updates, "
+                                   "which cannot be taken out of it; the global model is left "
+                                   "unchanged this round")
             return None, None
         fit_to_replies(self.base, replies=len(valid), server_round=server_round)
         if self.clipping is not None:

@@ -5,7 +5,8 @@ noise) is a Flower ClientApp mod wrapped around the train function of a ClientAp
 the Simulation Engine only: it lets the site train as usual, then rewrites the arrays of the reply
 when the reply comes from an attacker. Data poisoning (label-flip) rewrites the attackers'
 training labels before the sites' files are written, so every mode that trains on their data sees
-the same poisoned labels. The deployed ClientApp (`medfed.client.app.app`) has no mods, and
+the same poisoned labels. Under secure aggregation an attacker's update is masked like any other:
+the server cannot tell it apart. The deployed ClientApp (`medfed.client.app.app`) has no mods, and
 `medfed server start` refuses a config with an attack (`common.config_checks.check_deployment`).
 
 What an attacker sends back (g: the global arrays it received, w: what it trained, s: scale):
@@ -111,17 +112,22 @@ class UpdateAttack:
 
 
 def client_app(config: Config, sites: list[str]) -> ClientApp:
-    """The ClientApp the Simulation Engine runs: medfed's own, with the attack mod on `train`
-    when the config asks for model poisoning by some of `sites`."""
+    """The ClientApp the Simulation Engine runs: medfed's own, with mods on `train` when the config
+    asks for them: under `privacy.secagg` Flower's SecAgg+ mod and its translation to medfed's
+    train handler (client/secagg.py), inside them the attack mod when some of `sites` poison
+    their updates."""
     from medfed.client import app as medfed_client
+    from medfed.client.secagg import SECURE_TRAIN_MODS
 
+    mods = list(SECURE_TRAIN_MODS) if config.privacy.secagg else []
     attackers = attacker_sites(config, sites)
-    if config.attack.kind not in MODEL_POISONING or not attackers:
+    if config.attack.kind in MODEL_POISONING and attackers:
+        mods.append(UpdateAttack(kind=config.attack.kind, scale=config.attack.scale,
+                                 sites=frozenset(attackers), seed=config.seed))
+    if not mods:
         return medfed_client.app
     app = ClientApp()
-    mod = UpdateAttack(kind=config.attack.kind, scale=config.attack.scale,
-                       sites=frozenset(attackers), seed=config.seed)
-    app.train(mods=[mod])(medfed_client.train)
+    app.train(mods=mods)(medfed_client.train)
     app.evaluate()(medfed_client.evaluate_site)
     app.query()(medfed_client.identify)
     return app

@@ -219,6 +219,8 @@ def run_federation(prepared: Prepared, config: Config, *, run_dir: Path, sites_d
         global_test=prepared.global_test, partition=prepared.partition,
         simulated_sites=messages.simulated_sites(sites_dir.resolve(), list(prepared.sites)),
         progress=progress, resume=resume,
+        max_site_examples=(max(len(splits["train"]) for splits in prepared.sites.values())
+                           if config.privacy.secagg else None),
     )
     _run_engine(server_app, attacks.client_app(config, list(prepared.sites)), config,
                 num_sites=len(prepared.sites), verbose=verbose)

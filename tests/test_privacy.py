@@ -130,7 +130,6 @@ def test_a_noise_multiplier_too_small_for_the_budget_is_refused_with_what_would_
     ({"privacy.dp": "client", "privacy.noise_multiplier": 1.0, "federation.fraction_train": 0.5},
      "no credit for sampling"),
     ({"privacy.delta": 1.0}, "privacy.delta"),
-    ({"privacy.secagg": True}, "legacy strategy API"),
     ({"privacy.dp": "laplace"}, "none, sample, client"),
 ])
 def test_bad_privacy_settings_are_refused_before_anything_runs(settings, message):
