@@ -467,8 +467,8 @@ def test_rejections_show_in_progress_and_report():
     assert report["rounds"][0]["rejected"] == record.rejected
     assert report["rounds"][0]["selected"] == ["site-0"]
     row = next(line for line in render_markdown(report).splitlines() if line.startswith("| 1 |"))
-    # Updates rejected, the sites missing, and (a Krum-family strategy) the updates it selected.
-    assert row.endswith("| 2 | site-1, site-2 | site-0 |"), row
+    # The sites missing, updates rejected, and (a Krum-family strategy) the updates it selected.
+    assert row.endswith("| site-1, site-2 | 2 | site-0 |"), row
     report["rounds"][0]["selected"] = None  # a strategy that uses every accepted update
     assert "updates selected" not in render_markdown(report)
 
