@@ -22,6 +22,7 @@ import numpy as np
 from flwr.app import Context, Message, RecordDict
 from flwr.clientapp import ClientApp
 
+from medfed.client.secagg import secure_aggregation
 from medfed.client.site_data import load_site, locate_site, state_dir
 from medfed.common import features, messages, privacy, wire
 from medfed.common.config import Config
@@ -126,7 +127,7 @@ class _Site:
                        reply_to=message)
 
 
-@app.train()
+@app.train(mods=[secure_aggregation])
 def train(message: Message, context: Context) -> Message:
     started = time.perf_counter()
     site = _Site(message, context)

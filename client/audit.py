@@ -22,13 +22,25 @@ AUDIT_ENV = "MEDFED_AUDIT_LOG"
 
 
 def describe_reply(content) -> dict:
-    """What a reply carries, by name and size (a Flower RecordDict)."""
+    """What a reply carries, by name and size (a Flower RecordDict): its tensors, its metric
+    names, and the binary values of its config records (secure aggregation's keys, key shares
+    and masked update), each as `record.key`; `bytes` counts the tensors and those values."""
     arrays = {name: record for name, record in content.array_records.items()}
+    binary = {f"{name}.{key}": _binary_size(value) for name, record
+              in content.config_records.items() for key, value in record.items()}
+    binary = {key: size for key, size in binary.items() if size}
     return {
         "tensors": sorted(k for record in arrays.values() for k in record.keys()),
-        "bytes": sum(len(a.data) for record in arrays.values() for a in record.values()),
+        "bytes": sum(len(a.data) for record in arrays.values() for a in record.values())
+        + sum(binary.values()),
         "metrics": sorted(k for record in content.metric_records.values() for k in record.keys()),
+        "binary": sorted(binary),
     }
+
+
+def _binary_size(value) -> int:
+    values = value if isinstance(value, list) else [value]
+    return sum(len(v) for v in values if isinstance(v, bytes))
 
 
 def append(path: Path, entry: dict) -> None:
@@ -67,5 +79,6 @@ def render(path: Path) -> list[str]:
             took = f" after {entry['seconds']:.1f} s" if isinstance(entry.get("seconds"), float) else ""
             lines.append(f"{head}: sent {len(sent.get('tensors', []))} tensors "
                          f"({sent.get('bytes', 0):,} bytes){took}, metrics "
-                         f"{', '.join(sent.get('metrics', [])) or 'none'}")
+                         f"{', '.join(sent.get('metrics', [])) or 'none'}"
+                         + (f", binary {', '.join(sent['binary'])}" if sent.get("binary") else ""))
     return lines or [f"{path}: no messages yet"]

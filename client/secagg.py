@@ -10,6 +10,10 @@ update (trained - received) and whose example count is its weight. `secaggplus_m
 quantizes and masks that update and empties every array record of the reply; the site's other
 records (its train metrics, its evaluation of the model it received, its privacy spend) go back
 beside the masked update as they are, in the clear.
+
+`secure_aggregation` is the one mod on medfed's train handler, in deployment and simulation alike:
+it engages the two only for a round the server runs under SecAgg+ (its messages carry SecAgg+'s
+config record), so the same site app serves studies with and without `privacy.secagg`.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, Message
 from flwr.client.mod import secaggplus_mod
 from flwr.clientapp.typing import ClientAppCallable
 from flwr.common import Code, FitRes, Status, ndarrays_to_parameters
+from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS
 from flwr.compat.common import recorddict_compat as compat
 
 from medfed.common.messages import ARRAY_KEYS, ARRAYS, CONFIG, METRICS, SECAGG_RANGE, WEIGHT_KEY
@@ -62,5 +67,10 @@ def legacy_fit(message: Message, context: Context, call_next: ClientAppCallable)
     return reply
 
 
-# Outermost first: SecAgg+ around the translation around medfed's train handler.
-SECURE_TRAIN_MODS = (secaggplus_mod, legacy_fit)
+def secure_aggregation(message: Message, context: Context, call_next: ClientAppCallable) -> Message:
+    """ClientApp mod on train: a SecAgg+ round goes through Flower's `secaggplus_mod` around
+    `legacy_fit` around `call_next`; any other training message straight to `call_next`."""
+    if RECORD_KEY_CONFIGS not in message.content.config_records:
+        return call_next(message, context)
+    return secaggplus_mod(message, context,
+                          lambda inner, ctx: legacy_fit(inner, ctx, call_next))

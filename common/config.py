@@ -198,7 +198,7 @@ class PrivacyConfig:
     noise_multiplier: float | None = None
     # client: each site's update (its change to the global model) is clipped to this L2 norm.
     clip: float = 1.0
-    # Secure aggregation (Flower's SecAgg+, simulation only; with DP-SGD or without DP): the
+    # Secure aggregation (Flower's SecAgg+; with DP-SGD or without DP): the
     # server sees only the weighted sum of the sites' updates (README's privacy section).
     secagg: bool = False
 

@@ -187,13 +187,9 @@ def _items(text: str, kind: type, key: str) -> list:
 
 
 def check_deployment(config: Config, *, sites: int, min_sites: int) -> None:
-    """A study across real hospitals: no secure aggregation (simulation only) nor simulated
-    attack, and a robust strategy that can tolerate its assumed malicious sites even when only
-    `min_sites` sites train."""
-    if config.privacy.secagg:
-        raise MedfedError("privacy.secagg: secure aggregation runs in `medfed simulate` only (the "
-                          "deployed site app has no SecAgg+ mod); remove secagg from the study's "
-                          "config")
+    """A study across real hospitals: no simulated attack; secure aggregation's three sites, and
+    a robust strategy that can tolerate its assumed malicious sites, even when only `min_sites`
+    sites train."""
     if config.attack.kind != "none" or config.attack.sites:
         raise MedfedError(f"attack.kind={config.attack.kind}: simulated attacks are for `medfed "
                           f"simulate` only; remove the attack section from the study's config")

@@ -65,8 +65,9 @@ def run_server(
     sites exist by construction. A checkpoint is written after every round; `resume` continues
     from the checkpoint in `run_dir`. `registry` (deployment: Flower node id -> the site registered
     with that key) names the sites; nodes outside it are neither asked nor counted. With
-    `privacy.secagg` (simulation only) training goes through SecAgg+ (server/secagg.py), whose
-    weights are divided by `max_site_examples`, the largest site's training examples."""
+    `privacy.secagg` training goes through SecAgg+ (server/secagg.py), whose weights are divided
+    by `max_site_examples`, the largest site's training examples (a simulation knows it; in a
+    deployment the sites declare theirs first)."""
     started = time.perf_counter()
     min_sites = len(expected_sites) if min_sites is None else min_sites
     num_classes = len(dataset["classes"])
@@ -148,12 +149,15 @@ def run_server(
                             strategy_state=strategy.state_dict(), config_json=config.to_json())
         return MetricRecord({k: result[k] for k in SCALARS if result[k] is not None}) if result else None
 
-    if config.privacy.secagg:
-        grid = SecureGrid(grid, max_weight=max_site_examples)
     present = expected_sites
     if roll_call:
         present = wait_for_sites(grid, expected=expected_sites, min_sites=min_sites, wait_s=wait_s,
                                  round_config=round_config, registry=registry, progress=progress)
+    if config.privacy.secagg:
+        # SecAgg+ divides every site's weight by a largest one fixed before the round; real
+        # sites know their own sizes only, and declare them by evaluating the model once.
+        grid = SecureGrid(grid, max_weight=max_site_examples or strategy.largest_site(
+            grid, arrays, timeout=config.federation.round_timeout, progress=progress))
     head_payload = wire.record_bytes(ArrayRecord({k: initial[k] for k in stage_keys[HEAD]}))
     progress(f"{len(present)} sites, {config.federation.rounds} rounds of {config.federation.strategy}"
              + (" under secure aggregation (SecAgg+)" if config.privacy.secagg else "")

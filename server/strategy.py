@@ -41,6 +41,7 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
 from medfed.common import messages
+from medfed.common.errors import MedfedError
 from medfed.common.messages import (
     COMPUTE_SECONDS, EVALUATION, PEAK_MB, PRIVACY, TRAIN_LOSS, TRAIN_SECONDS, WEIGHT_KEY,
 )
@@ -329,6 +330,23 @@ class MedfedStrategy(Strategy):
         aggregated = self.selection.judge(record, arrays)
         self.on_event("evaluate", record)
         return aggregated
+
+    def largest_site(self, grid: Grid, arrays: ArrayRecord, *, timeout: float,
+                     progress: Callable[[str], None]) -> int:
+        """The most training examples any site declared. In a study that has run no round yet
+        every site first evaluates `arrays` once (round 0), which declares its size."""
+        if not self._declared_examples():
+            progress("secure aggregation: asking every site for its training-set size")
+            messages = self._evaluation_messages(0, arrays, ConfigRecord(), grid,
+                                                 stage=self.stages.of(1))
+            self.collect_evaluation(grid.send_and_receive(messages, timeout=timeout),
+                                    self.record(0))
+        declared = self._declared_examples()
+        if not declared:
+            failures = "; ".join(self.record(0).failures) or "no site answered"
+            raise MedfedError(f"secure aggregation needs each site's training-set size before "
+                              f"round 1, and none was declared ({failures}); see the sites' logs")
+        return max(declared.values())
 
     def evaluate_final(self, grid: Grid, arrays: ArrayRecord, *, timeout: float) -> RoundRecord:
         """Every site evaluates the chosen global model on its own splits."""

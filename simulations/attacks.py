@@ -112,22 +112,19 @@ class UpdateAttack:
 
 
 def client_app(config: Config, sites: list[str]) -> ClientApp:
-    """The ClientApp the Simulation Engine runs: medfed's own, with mods on `train` when the config
-    asks for them: under `privacy.secagg` Flower's SecAgg+ mod and its translation to medfed's
-    train handler (client/secagg.py), inside them the attack mod when some of `sites` poison
-    their updates."""
+    """The ClientApp the Simulation Engine runs: medfed's own, or, when some of `sites` poison
+    their updates, one whose train handler has the attack mod inside medfed's secure-aggregation
+    mod (client/secagg.py), so an attacker's update is what SecAgg+ masks."""
     from medfed.client import app as medfed_client
-    from medfed.client.secagg import SECURE_TRAIN_MODS
+    from medfed.client.secagg import secure_aggregation
 
-    mods = list(SECURE_TRAIN_MODS) if config.privacy.secagg else []
     attackers = attacker_sites(config, sites)
-    if config.attack.kind in MODEL_POISONING and attackers:
-        mods.append(UpdateAttack(kind=config.attack.kind, scale=config.attack.scale,
-                                 sites=frozenset(attackers), seed=config.seed))
-    if not mods:
+    if config.attack.kind not in MODEL_POISONING or not attackers:
         return medfed_client.app
     app = ClientApp()
-    app.train(mods=mods)(medfed_client.train)
+    app.train(mods=[secure_aggregation,
+                    UpdateAttack(kind=config.attack.kind, scale=config.attack.scale,
+                                 sites=frozenset(attackers), seed=config.seed)])(medfed_client.train)
     app.evaluate()(medfed_client.evaluate_site)
     app.query()(medfed_client.identify)
     return app

@@ -26,7 +26,8 @@ from flwr.supercore.task_identity import TaskIdentity
 from typer.testing import CliRunner
 
 from medfed.cli.main import app as cli
-from medfed.client.secagg import SECURE_TRAIN_MODS
+from medfed.client import audit
+from medfed.client.secagg import secure_aggregation
 from medfed.common import messages
 from medfed.common.config import Config
 from medfed.common.config_checks import check_deployment, check_sites, validate
@@ -114,7 +115,7 @@ def _site_app(*, secure: bool, failing: str | None = None, bad_loss: str | None 
             messages.EVALUATION: evaluation_record(),
             messages.SITE: messages.site_record(site)}), reply_to=message)
 
-    app.train(mods=list(SECURE_TRAIN_MODS) if secure else [])(train)
+    app.train(mods=[secure_aggregation])(train)
     return app
 
 
@@ -169,6 +170,51 @@ def test_the_secagg_aggregate_equals_plain_fedavg_of_the_same_replies():
         alone = dict(zip(START, dequantize(vectors[1:], messages.SECAGG_RANGE, 2**22)))
         site = messages.declared_name(reply)
         assert all(np.abs(alone[k] - u).mean() > 1.0 for k, u in _update(site).items()), site
+
+
+def test_the_site_audit_log_names_and_counts_what_secagg_sends(tmp_path):
+    sites = LocalGrid(_site_app(secure=True))
+    _round(SecureGrid(sites, max_weight=max(EXAMPLES.values())), secure=True)
+    sent = [audit.describe_reply(r.content) for r in sites.replies if not r.has_error()]
+    stages = [set(s["binary"]) for s in sent[:12:3]]  # site a, each of the four exchanges
+    record = RECORD_KEY_CONFIGS
+    assert stages == [{f"{record}.{Key.PUBLIC_KEY_1}", f"{record}.{Key.PUBLIC_KEY_2}"},
+                      {f"{record}.{Key.CIPHERTEXT_LIST}"}, {f"{record}.{Key.MASKED_PARAMETERS}"},
+                      {f"{record}.{Key.SHARE_LIST}"}], stages
+    assert not any(s["tensors"] for s in sent)
+    masked = sites.replies[6].content.config_records[record][Key.MASKED_PARAMETERS]
+    assert sent[6]["bytes"] == sum(len(b) for b in masked) > 0
+    log = tmp_path / "audit.jsonl"
+    audit.append(log, {"run": 1, "app_hash": "0" * 64, "type": "train", "round": 1,
+                       "sent": sent[6]})
+    (line,) = audit.render(log)
+    assert line.endswith(f"train round 1: sent 0 tensors ({sent[6]['bytes']:,} bytes), metrics "
+                         f"{', '.join(sent[6]['metrics'])}, binary {record}.{Key.MASKED_PARAMETERS}")
+
+
+def test_a_deployment_learns_the_largest_site_from_one_evaluation_each():
+    """Real sites know only their own size: before round 1 each declares it (round 0)."""
+    app = _site_app(secure=True)
+    app.evaluate()(lambda message, context: Message(RecordDict({
+        messages.METRICS: evaluation_record(train_histogram=[1, EXAMPLES[_site(message)] - 1]),
+        messages.SITE: messages.site_record(_site(message))}), reply_to=message))
+    strategy = _strategy(secure=True)
+    start = ArrayRecord({k: Array(v) for k, v in START.items()})
+    lines = []
+    assert strategy.largest_site(LocalGrid(app), start, timeout=60,
+                                 progress=lines.append) == max(EXAMPLES.values())
+    assert sorted(strategy.rounds[0].evaluate) == sorted(EXAMPLES) and len(lines) == 1
+    # Sizes already declared (a resumed study): nobody is asked again.
+    assert strategy.largest_site(None, start, timeout=60, progress=lines.append) == max(
+        EXAMPLES.values()) and len(lines) == 1
+    with pytest.raises(MedfedError, match=r"training-set size before round 1, and none was "
+                                          r"declared \(.*No evaluate function"):
+        _strategy(secure=True).largest_site(LocalGrid(_site_app(secure=True)), start,
+                                            timeout=60, progress=lines.append)
+
+
+def _site(message: Message) -> str:
+    return SITES[message.metadata.dst_node_id]
 
 
 @pytest.mark.parametrize("failure", ["raises", "out of range"])
@@ -232,15 +278,17 @@ def test_secagg_with_what_needs_each_update_is_refused(settings, message):
         validate(_config(**settings))
 
 
-def test_secagg_needs_three_sites_each_round_and_simulation():
+def test_secagg_needs_three_sites_each_round():
     validate(_config(**{"privacy.dp": "sample", "privacy.epsilon": 8.0}))  # DP-SGD + SecAgg+
     with pytest.raises(MedfedError, match=r"--secagg needs at least 3 sites .* the study has 2 "):
         check_sites(validate(_config()), sites=2)
     with pytest.raises(MedfedError, match=r"2 sampled per round"):
         check_sites(validate(_config(**{"federation.fraction_train": 0.5})), sites=4)
     check_sites(validate(_config()), sites=3)
-    with pytest.raises(MedfedError, match=r"`medfed simulate` only"):
-        check_deployment(validate(_config()), sites=5, min_sites=5)
+    # A deployment: three sites must be sure to train (--min-sites), not only registered.
+    check_deployment(validate(_config()), sites=5, min_sites=3)
+    with pytest.raises(MedfedError, match=r"--secagg needs at least 3 sites .* only 2 are sure to \(--min-sites 2 of 5"):
+        check_deployment(validate(_config()), sites=5, min_sites=2)
 
 
 def test_simulate_secagg_with_two_sites_is_one_error_line_before_any_training(tmp_path):
