@@ -12,7 +12,7 @@ from typing import Optional
 
 import typer
 
-from medfed.cli.errors import fail
+from medfed.cli.errors import INTERRUPTED, fail
 from medfed.common.errors import MedfedError
 
 data_app = typer.Typer(no_args_is_help=True, help="Look at a site's own data; nothing leaves this machine.")
@@ -102,7 +102,7 @@ def server_start(
                         min_sites=min_sites, wait=wait_sites)
         report = serve(study, progress=typer.echo)
     except KeyboardInterrupt:
-        typer.echo("interrupted; nothing is left running", err=True)
+        typer.echo(INTERRUPTED, err=True)
         raise typer.Exit(130) from None
     except RunFailed as exc:
         fail(exc, code=1)

@@ -12,7 +12,7 @@ from typing import NoReturn, Optional
 
 import typer
 
-from medfed.cli.errors import fail
+from medfed.cli.errors import INTERRUPTED, fail
 from medfed.common.config import Config
 from medfed.common.config_checks import resolve
 from medfed.common.config_loading import load_yaml, parse_assignment, set_value
@@ -120,9 +120,6 @@ def simulate(
         except MedfedError as exc:
             fail(exc, code=2)
     print_summary(run_dir, report)
-
-
-INTERRUPTED = "interrupted; nothing is left running"
 
 
 def resolve_config(path: Optional[Path], options: dict, assignments: list[str]) -> Config:
