@@ -52,10 +52,16 @@ def classifier_inputs(model: nn.Module, images: torch.Tensor) -> torch.Tensor:
     return captured[0].flatten(1)
 
 
+# A CPU computes frozen features no slower in batches of 8 than of 32, with a quarter of the
+# activations resident: a site's first message at 224 px, 1,000 images, took 22 s and peaked at
+# 1.16 GB against 36 s and 1.74 GB (docs/BENCHMARKS.md). A GPU takes the training batch.
+CPU_FEATURE_BATCH = 8
+
+
 def compute(model: nn.Module, data: LabelledImages, *, transform, batch_size: int,
             device: torch.device) -> np.ndarray:
-    # The training batch size, not more: at 224 px a batch of 64 through the backbone costs a
-    # site about 1.4 GB on top of its 0.9 GB of libraries and model, a batch of 32 about 0.8 GB.
+    """The classifier's inputs for every image of `data`, in order."""
+    batch_size = batch_size if device.type == "cuda" else min(batch_size, CPU_FEATURE_BATCH)
     loader = torch.utils.data.DataLoader(TransformedImages(data, transform),
                                          batch_size=batch_size, shuffle=False,
                                          **loader_options(device))
