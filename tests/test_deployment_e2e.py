@@ -25,6 +25,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key
 from PIL import Image
 from commands import MEDFED, TINY_WEIGHTS
 
@@ -412,6 +413,12 @@ def _outsider_is_refused(port: int, *, federation: Path, run_dir: Path, folder: 
             pass
 
 
+# What SecAgg+ sends from a site, in its config record: two public keys, the key shares
+# encrypted for the other sites, the masked update, and at the end the shares for unmasking.
+SECAGG_SENT = {f"{RECORD_KEY_CONFIGS}.{key}" for key in (
+    Key.PUBLIC_KEY_1, Key.PUBLIC_KEY_2, Key.CIPHERTEXT_LIST, Key.MASKED_PARAMETERS, Key.SHARE_LIST)}
+
+
 @pytest.mark.slow
 def test_three_hospitals_train_under_secure_aggregation(federation, tmp_path):
     """`privacy.secagg` in a real deployment: each hospital declares its training-set size once,
@@ -445,16 +452,10 @@ def test_three_hospitals_train_under_secure_aggregation(federation, tmp_path):
         trains = [e for e in entries if e["type"] == "train"]
         assert len(trains) == 2 * 4, trains  # SecAgg+'s four exchanges per round
         assert not any(e["sent"]["tensors"] for e in entries), entries
-        masked = [e for e in trains if f"{RECORD}.masked_params" in e["sent"]["binary"]]
+        masked = [e for e in trains
+                  if f"{RECORD_KEY_CONFIGS}.{Key.MASKED_PARAMETERS}" in e["sent"]["binary"]]
         assert [e["round"] for e in masked] == [1, 2] and all(e["sent"]["bytes"] for e in masked)
         # Beside medfed's own metrics, the legacy fit result's example count SecAgg+ weights by.
         assert all(set(e["sent"]["metrics"]) <= SENDABLE_METRICS | {"num_examples"}
                    for e in entries), entries
-        assert all(set(e["sent"]["binary"]) <= {f"{RECORD}.{key}" for key in SECAGG_SENT}
-                   for e in entries), entries
-
-
-# What SecAgg+ sends from a site, in its config record: two public keys, the key shares
-# encrypted for the other sites, the masked update, and at the end the shares for unmasking.
-RECORD = "secaggplus_configs"
-SECAGG_SENT = {"pk1", "pk2", "ctxts", "masked_params", "shares"}
+        assert all(set(e["sent"]["binary"]) <= SECAGG_SENT for e in entries), entries
