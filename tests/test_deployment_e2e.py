@@ -21,6 +21,7 @@ import time
 import tomllib
 import urllib.error
 import urllib.request
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -150,20 +151,26 @@ def _wait_for(predicate, *, timeout: float, what: str):
     pytest.fail(f"timed out after {timeout:.0f} s waiting for {what}")
 
 
-@pytest.fixture(scope="module")
-def deployments(tmp_path_factory, federation):
-    """Two studies at once, each on its own SuperLink (the runs mostly wait on Flower's polling,
-    so side by side they take little longer than one): `full`, three hospitals plus a stranger
-    and a site holding another federation's CA; `partial`, one hospital never comes."""
-    folder = tmp_path_factory.mktemp("deployments")
-    # SuperNodes install the app bundle under FLWR_HOME: keep it out of the user's ~/.flwr.
+def _launcher(folder: Path) -> tuple[Callable[..., Process], list[Process], dict[str, str]]:
+    """`start(name, *medfed_args)`, the processes it started (for `_end`), and their environment:
+    offline, with SuperNodes installing the app bundle under `folder`'s own FLWR_HOME, out of
+    the user's ~/.flwr."""
     env = {**os.environ, "MEDFED_OFFLINE": "1", "FLWR_HOME": str(folder / "flwr-home")}
     started: list[Process] = []
 
     def start(name: str, *args: str) -> Process:
         started.append(Process(list(args), folder=folder, name=name, env=env))
         return started[-1]
+    return start, started, env
 
+
+@pytest.fixture(scope="module")
+def deployments(tmp_path_factory, federation):
+    """Two studies at once, each on its own SuperLink (the runs mostly wait on Flower's polling,
+    so side by side they take little longer than one): `full`, three hospitals plus a stranger
+    and a site holding another federation's CA; `partial`, one hospital never comes."""
+    folder = tmp_path_factory.mktemp("deployments")
+    start, started, env = _launcher(folder)
     try:
         full, partial = free_port(), free_port()
         began = time.monotonic()
@@ -321,12 +328,7 @@ def test_a_site_that_dies_mid_study_is_named_and_the_study_finishes_without_it(f
 
     from medfed.common.processes import descendants
 
-    env = {**os.environ, "MEDFED_OFFLINE": "1", "FLWR_HOME": str(tmp_path / "flwr-home")}
-    started: list[Process] = []
-
-    def start(name: str, *args: str) -> Process:
-        started.append(Process(list(args), folder=tmp_path, name=name, env=env))
-        return started[-1]
+    start, started, _ = _launcher(tmp_path)
 
     port, run_dir, tree = free_port(), tmp_path / "study", {}
     began = time.monotonic()
@@ -424,12 +426,7 @@ def test_three_hospitals_train_under_secure_aggregation(federation, tmp_path):
     """`privacy.secagg` in a real deployment: each hospital declares its training-set size once,
     then every round's updates travel masked (SecAgg+'s four exchanges), so no site's audit log
     shows a tensor leaving it during training, only SecAgg+'s keys, shares and masked update."""
-    env = {**os.environ, "MEDFED_OFFLINE": "1", "FLWR_HOME": str(tmp_path / "flwr-home")}
-    started: list[Process] = []
-
-    def start(name: str, *args: str) -> Process:
-        started.append(Process(list(args), folder=tmp_path, name=name, env=env))
-        return started[-1]
+    start, started, _ = _launcher(tmp_path)
 
     port, run_dir = free_port(), tmp_path / "study"
     try:
