@@ -19,12 +19,12 @@ import time
 import zlib
 
 import numpy as np
-from flwr.app import Context, Message, RecordDict
+from flwr.app import Array, ArrayRecord, Context, Message, RecordDict
 from flwr.clientapp import ClientApp
 
 from medfed.client.secagg import secure_aggregation
 from medfed.client.site_data import load_site, locate_site, state_dir
-from medfed.common import features, messages, privacy, wire
+from medfed.common import features, head_start, messages, privacy, wire
 from medfed.common.config import Config
 from medfed.common.device import pick_device
 from medfed.common.inference import evaluate, evaluate_features
@@ -73,6 +73,16 @@ class _Site:
         self.head = self.received.stage == HEAD
         self.frozen = features.FrozenLayers(self.model, config=self.config, device=self.device)
         self.cache_dir = self.state_dir / "features"
+        center = message.content.array_records.get(messages.HEAD_CENTER)
+        self.center = None if center is None else center["center"].numpy()
+
+    def class_sums(self) -> ArrayRecord:
+        """Its per-class sums of training features and their counts, for the head's start."""
+        values, labels = self.features("train")
+        counts = np.bincount(labels.astype(np.int64), minlength=self.received.num_classes)
+        return ArrayRecord({"sums": Array(head_start.class_sums(
+                                values, labels, num_classes=self.received.num_classes)),
+                            "counts": Array(counts.astype(np.int64))})
 
     def features(self, split: str) -> tuple[np.ndarray, np.ndarray]:
         return self.frozen.features(self.data[split], train=split == "train",
@@ -114,7 +124,8 @@ class _Site:
         if self.head:
             values, labels = self.features("train")
             started = time.perf_counter()
-            trained = train_head(features.classifier(self.model), values, labels, **common)
+            trained = train_head(features.classifier(self.model), values, labels, **common,
+                                 center=self.center)
         else:
             transform = build_transform(self.model, self.config.data, train=True, seed=seed)
             started = time.perf_counter()
@@ -157,7 +168,8 @@ def train(message: Message, context: Context) -> Message:
 @app.evaluate()
 def evaluate_site(message: Message, context: Context) -> Message:
     site = _Site(message, context)
-    return site.reply(message, **{METRICS: site.evaluation()})
+    statistics = {messages.CLASS_SUMS: site.class_sums()} if site.received.statistics else {}
+    return site.reply(message, **{METRICS: site.evaluation(), **statistics})
 
 
 @app.query()

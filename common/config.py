@@ -35,6 +35,9 @@ MEAN_STRATEGIES = ("fedavg", "fedprox", "fedavgm", "fedadam", "fedyogi")
 SECAGG_MIN_SITES = 3
 DEVICES = ("auto", "cpu", "cuda")
 SELECTIONS = ("auc", "loss")
+# Where the head stage starts (common/head_start.py).
+CLASS_MEANS = "class-means"
+HEAD_STARTS = (CLASS_MEANS, "none")
 MEDMNIST_RESOLUTIONS = (28, 64, 128, 224)
 # Seeds feed numpy (non-negative only) and torch (a site derives its own from seed x 100003 plus
 # the round, which must stay below 2**64).
@@ -121,6 +124,11 @@ class FederationConfig:
     # on the wire); the remaining rounds fine-tune the unfrozen top stages. With `model.freeze:
     # all` every round is a head round. None: half the rounds (linear probe, then fine-tune).
     head_rounds: int | None = None
+    # Where the head stage starts: "class-means" (each site sends its per-class sums of frozen
+    # features once; the head starts as the nearest-class-mean rule and trains on features
+    # centered on their mean over all sites) or "none" (timm's random head, raw features).
+    # None: class-means, except under DP or secure aggregation, which would not protect the sums.
+    head_start: str | None = None
     # FedProx proximal weight.
     mu: float = 0.01
     # Server learning rate of FedAdam/FedYogi.

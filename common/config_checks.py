@@ -9,7 +9,7 @@ import copy
 from typing import Any
 
 from medfed.common.config import (
-    ATTACKS, BN_POLICIES, BYZANTINE_MINIMUM, DEVICES, DP_MODES, EQUALIZERS, MAX_SEED, MEAN_STRATEGIES,
+    ATTACKS, BN_POLICIES, BYZANTINE_MINIMUM, CLASS_MEANS, DEVICES, HEAD_STARTS, DP_MODES, EQUALIZERS, MAX_SEED, MEAN_STRATEGIES,
     MEDMNIST_RESOLUTIONS, MODES, OPTIMIZERS, PARTITIONS, SECAGG_MIN_SITES, SELECTIONS, STRATEGIES,
     Config,
 )
@@ -79,6 +79,12 @@ def validate(config: Config) -> Config:
            "model.weights", m.weights, "imagenet or a checkpoint when only the head trains "
            "(model.freeze=all or federation.head_rounds other than 0): a head on random frozen "
            "features learns nothing; use --freeze 0 --head-rounds 0 to train from scratch")
+    _check(f.head_start is None or f.head_start in HEAD_STARTS, "federation.head_start",
+           f.head_start, ", ".join(HEAD_STARTS))
+    _check(not (f.head_start == CLASS_MEANS and (config.privacy.dp != "none" or config.privacy.secagg)),
+           "federation.head_start", f.head_start,
+           "none under DP or secure aggregation: each site's class sums of features would reach "
+           "the server unprotected")
     _check(0 <= f.server_momentum < 1, "federation.server_momentum", f.server_momentum,
            "0 <= value < 1")
     _check(f.mu >= 0, "federation.mu", f.mu, "0 or more")
@@ -127,13 +133,17 @@ def validate(config: Config) -> Config:
 def resolve(config: Config) -> Config:
     """A validated copy with every value derived from others decided, once, here: the rest of
     medfed reads it and never edits it. `data.image_size` defaults to the backbone's own input
-    size, so the server, every site and every mode resize alike. (The sites of a natural
+    size, so the server, every site and every mode resize alike; `federation.head_start` is
+    class-means unless DP or secure aggregation is on. (The sites of a natural
     partition come from the data, and the stages' split from `Stages.of_config`.)"""
     resolved = copy.deepcopy(validate(config))
     if resolved.data.image_size is None:
         from medfed.common.model import native_input_size  # timm: seconds, so after the checks
 
         resolved.data.image_size = native_input_size(resolved.model.backbone)
+    if resolved.federation.head_start is None:
+        private = resolved.privacy.dp != "none" or resolved.privacy.secagg
+        resolved.federation.head_start = "none" if private else CLASS_MEANS
     return resolved
 
 

@@ -13,6 +13,11 @@ beyond the arrays themselves (common/wire.py), with the one builder and the one 
   matrix flattened row by row) and `{split}-histogram` (labels per class).
 * With DP-SGD, a training reply's privacy record: the site's spend over the study so far
   (epsilon, delta, noise multiplier, clipping norm, sample rate, steps, budget).
+* The head's start from class means (common/head_start.py): before round 1 the server asks every
+  site once for an evaluation with `statistics` set in the round config, answered with the
+  site's per-class sums of training features (record `class-sums`, its counts being the
+  evaluation's train histogram); from then on every head-stage training message carries the
+  features' center over all sites (record `head-center`).
 * The key under which a site keeps its never-sent state between rounds in Flower's Context.
 * Under secure aggregation (`--secagg`), the names of the arrays Flower's legacy fit instruction
   carries unnamed (`array-keys`, in the round config), and the range every update value must lie
@@ -44,6 +49,9 @@ WEIGHT_KEY = "num-examples"          # Flower's FedAvg weighs replies by this me
 TRAIN_LOSS = "train-loss"
 COMPUTE_SECONDS, TRAIN_SECONDS, PEAK_MB = "compute-s", "train-s", "peak-mb"
 EVALUATED_SPLITS = ("val", "test")
+CLASS_SUMS = "class-sums"            # a statistics reply's per-class feature sums (head start)
+HEAD_CENTER = "head-center"          # a head-stage training message's feature center (head start)
+STATISTICS = "statistics"            # round config: answer the evaluation with CLASS_SUMS
 LOCAL_STATE = "medfed-local-state"   # Context.state key; never on the wire
 ARRAY_KEYS = "array-keys"            # --secagg: the legacy fit instruction's array names, in order
 # --secagg: SecAgg+ clips each value of an update to +/- this before quantizing it into 2**22
@@ -92,6 +100,7 @@ class RoundConfig:
     proximal_mu: float
     sites_dir: Path | None
     site_names: tuple[str, ...]
+    statistics: bool = False
 
     @property
     def config(self) -> Config:
@@ -114,6 +123,7 @@ def read_round_config(message: Message) -> RoundConfig:
         proximal_mu=float(values.get("proximal-mu", 0.0)),
         sites_dir=Path(str(values["sites-dir"])) if "sites-dir" in values else None,
         site_names=tuple(values.get("site-names", [])),
+        statistics=bool(values.get(STATISTICS, False)),
     )
 
 

@@ -21,6 +21,7 @@ from medfed.common.dataset import LabelledImages, TransformedImages
 from medfed.common.device import (
     autocast, loader_options, needs_loss_scaling, place_batch, place_model,
 )
+from medfed.common.head_start import centered
 from medfed.common.privacy import SitePlan, make_private
 
 
@@ -73,13 +74,18 @@ def train_head(
     device: torch.device,
     seed: int,
     private: SitePlan | None = None,
+    center: np.ndarray | None = None,
 ) -> Trained:
-    """Train the classifier alone in place on cached classifier inputs."""
+    """Train the classifier alone in place on cached classifier inputs; with `center`, in
+    centered coordinates (common/head_start.py), the classifier left in raw ones."""
     classifier.to(device).train()
+    if center is not None:
+        features = features - center.astype(features.dtype)
     dataset = torch.utils.data.TensorDataset(torch.from_numpy(features),
                                              torch.from_numpy(labels.astype(np.int64)))
-    return _optimize(classifier, dataset, config=config, lr=lr, proximal_mu=proximal_mu,
-                     device=device, seed=seed, private=private)
+    with centered(classifier, center):
+        return _optimize(classifier, dataset, config=config, lr=lr, proximal_mu=proximal_mu,
+                         device=device, seed=seed, private=private)
 
 
 def _optimize(module: nn.Module, dataset, *, config: TrainConfig, lr: float, proximal_mu: float,

@@ -15,7 +15,7 @@ from flwr.app import (
 from flwr.serverapp import Grid, ServerApp
 
 from medfed.common import features, messages, wire
-from medfed.common.config import Config
+from medfed.common.config import CLASS_MEANS, Config
 from medfed.common.config_checks import study_classes, validate
 from medfed.common.config_loading import load_yaml
 from medfed.common.dataset import LabelledImages
@@ -158,6 +158,9 @@ def run_server(
         # sites know their own sizes only, and declare them by evaluating the model once.
         grid = SecureGrid(grid, max_weight=max_site_examples or strategy.largest_site(
             grid, arrays, timeout=config.federation.round_timeout, progress=progress))
+    if stages.head_rounds and config.federation.head_start == CLASS_MEANS and not done:
+        arrays = strategy.start_head(grid, arrays, timeout=config.federation.round_timeout,
+                                     progress=progress)
     head_payload = wire.record_bytes(ArrayRecord({k: initial[k] for k in stage_keys[HEAD]}))
     progress(f"{len(present)} sites, {config.federation.rounds} rounds of {config.federation.strategy}"
              + (" under secure aggregation (SecAgg+)" if config.privacy.secagg else "")
@@ -196,6 +199,8 @@ def run_server(
                "freeze": config.model.freeze, "trainable_params": trainable, "total_params": total,
                "exchanged_tensors": len(keys), "payload_bytes": wire.record_bytes(initial),
                "head_payload_bytes": head_payload, "head_rounds": stages.head_rounds,
+               "head_start": config.federation.head_start,
+               "head_start_bytes": strategy.head_start_bytes,
                "feature_views": config.train.feature_views},
         wall_s=time.perf_counter() - started,
         resumed_from=done or None,

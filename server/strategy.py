@@ -39,13 +39,15 @@ import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
+from torch import nn
 
 from medfed.common import messages
 from medfed.common.errors import MedfedError
+from medfed.common.head_start import HeadStart
 from medfed.common.messages import (
-    COMPUTE_SECONDS, EVALUATION, PEAK_MB, PRIVACY, TRAIN_LOSS, TRAIN_SECONDS, WEIGHT_KEY,
+    CLASS_SUMS, HEAD_CENTER, STATISTICS, COMPUTE_SECONDS, EVALUATION, PEAK_MB, PRIVACY, TRAIN_LOSS, TRAIN_SECONDS, WEIGHT_KEY,
 )
-from medfed.common.schedule import PlateauSchedule, Stages
+from medfed.common.schedule import HEAD, PlateauSchedule, Stages
 from medfed.common.wire import record_bytes
 from medfed.server.aggregation import (
     fit_to_replies, load_optimizer_state, optimizer_finite, optimizer_state, restart_optimizer,
@@ -58,7 +60,9 @@ from medfed.server.records import (
 from medfed.server.sampling import AvailableSites, site_name
 from medfed.server.selection import ModelSelection
 from medfed.server.statistics import StatisticsApart
-from medfed.server.validation import RoundReference, screen, screen_evaluation
+from medfed.server.validation import (
+    RoundReference, class_sums_of, screen, screen_evaluation,
+)
 
 log = logging.getLogger("medfed")
 
@@ -117,6 +121,10 @@ class MedfedStrategy(Strategy):
         self._global: dict[str, np.ndarray] = {}  # the arrays sent for this round's training
         self._full: ArrayRecord | None = None  # the whole global model this round started from
         self._evaluated: ArrayRecord | None = None
+        # The features' center over all sites, sent with every head-stage training message once
+        # the head has started from class means (`start_head`); None: raw features.
+        self.center: np.ndarray | None = None
+        self.head_start_bytes = {"up": 0, "down": 0}
 
     @property
     def min_sites(self) -> int:
@@ -154,10 +162,10 @@ class MedfedStrategy(Strategy):
     def _stage_arrays(self, arrays: ArrayRecord, stage: str) -> ArrayRecord:
         return ArrayRecord({k: arrays[k] for k in self.stage_keys[stage]})
 
-    def _note_sent(self, messages: Iterable[Message], arrays: ArrayRecord) -> list[Message]:
+    def _note_sent(self, messages: Iterable[Message], *records: ArrayRecord) -> list[Message]:
         messages = list(messages)
         self._asked.extend(messages)
-        size = record_bytes(arrays)
+        size = sum(record_bytes(record) for record in records)
         for message in messages:
             node = message.metadata.dst_node_id
             self._sent[node] = self._sent.get(node, 0) + size
@@ -196,9 +204,14 @@ class MedfedStrategy(Strategy):
         self._global = {k: a.numpy() for k, a in sent.items()}
         self._sent, self._asked = {}, []
         self.record(server_round)
-        messages = self.strategy.configure_train(server_round, sent, self._config(config, stage),
-                                                 grid)
-        return self._note_sent(messages, sent)
+        messages = list(self.strategy.configure_train(server_round, sent,
+                                                      self._config(config, stage), grid))
+        if self.center is None or stage != HEAD:
+            return self._note_sent(messages, sent)
+        center = ArrayRecord({"center": Array(self.center)})
+        for message in messages:
+            message.content[HEAD_CENTER] = center
+        return self._note_sent(messages, sent, center)
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]
                         ) -> tuple[ArrayRecord | None, MetricRecord | None]:
@@ -348,6 +361,52 @@ class MedfedStrategy(Strategy):
                               f"round 1, and none was declared ({failures}); see the sites' logs")
         return max(declared.values())
 
+    def start_head(self, grid: Grid, arrays: ArrayRecord, *, timeout: float,
+                   progress: Callable[[str], None]) -> ArrayRecord:
+        """`arrays` with the classifier set to the nearest-class-mean rule of all sites' training
+        features (common/head_start.py): every site evaluates `arrays` once (round 0) and
+        answers with its per-class feature sums. Later head-stage messages carry the center."""
+        progress("head start: asking every site for its per-class sums of frozen features")
+        messages = self._evaluation_messages(0, arrays, ConfigRecord({STATISTICS: True}), grid,
+                                             stage=HEAD)
+        record = self.record(0)
+        replies = self.collect_evaluation(grid.send_and_receive(messages, timeout=timeout), record)
+        sums, counts = [], []
+        for reply in self._sorted(replies):
+            try:
+                site_sums, site_counts = class_sums_of(reply, weight=arrays[self._head_weight()].numpy())
+            except ValueError as exc:
+                record.failures.append(f"{self._name(reply)}: head start: {exc}")
+                continue
+            sums.append(site_sums)
+            counts.append(site_counts)
+            self.head_start_bytes["up"] += record_bytes(reply.content[CLASS_SUMS])
+        self.head_start_bytes["down"] += sum(self._sent.values())
+        if not sums:
+            failures = "; ".join(record.failures) or "no site answered"
+            raise MedfedError(f"the head's start needs the sites' class sums of features before "
+                              f"round 1, and none came ({failures}); see the sites' logs, or "
+                              f"start from timm's head with --set federation.head_start=none")
+        start = HeadStart.of_sums(np.sum(sums, axis=0), np.sum(counts, axis=0))
+        self.center = start.center
+        weight, bias = self._head_weight(), self._head_weight().replace("weight", "bias")
+        layer = nn.Linear(*reversed(arrays[weight].numpy().shape))
+        start.initialize(layer)
+        progress(f"head start: class means of {int(np.sum(counts)):,} training examples at "
+                 f"{len(sums)} sites")
+        return ArrayRecord({**arrays, weight: Array(layer.weight.detach().numpy()),
+                            bias: Array(layer.bias.detach().numpy())})
+
+    def _head_weight(self) -> str:
+        """The classifier's weight key; the head start needs a linear classifier."""
+        keys = self.stage_keys[HEAD]
+        weights = [k for k in keys if k.endswith(".weight")]
+        if len(keys) != 2 or len(weights) != 1 or weights[0].replace("weight", "bias") not in keys:
+            raise MedfedError(f"federation.head_start=class-means needs a linear classifier "
+                              f"(a weight and a bias), but this backbone's head holds {keys}; "
+                              f"use --set federation.head_start=none")
+        return weights[0]
+
     def evaluate_final(self, grid: Grid, arrays: ArrayRecord, *, timeout: float) -> RoundRecord:
         """Every site evaluates the chosen global model on its own splits."""
         record = RoundRecord(round=self.schedule.best_round, lr=self.schedule.lr)
@@ -365,6 +424,8 @@ class MedfedStrategy(Strategy):
             "dtypes": {k: str(v) for k, v in self._dtypes.items()},
             "stage": self.stage,
             "optimizer": optimizer_state(self.base),
+            "center": self.center,
+            "head_start_bytes": dict(self.head_start_bytes),
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -375,3 +436,5 @@ class MedfedStrategy(Strategy):
         self.stage = state["stage"]
         load_optimizer_state(self.base, state["optimizer"])
         self.round_offset = max(self.rounds, default=0)
+        self.center = state["center"]
+        self.head_start_bytes = dict(state["head_start_bytes"])

@@ -19,7 +19,7 @@ from flwr.app import ArrayRecord, Message, RecordDict
 
 from medfed.common.dataset import SPLITS
 from medfed.common.messages import (
-    COMPUTE_SECONDS, EVALUATED_SPLITS, EVALUATION, PEAK_MB, PRIVACY, PRIVACY_METRICS, TRAIN_LOSS,
+    CLASS_SUMS, COMPUTE_SECONDS, EVALUATED_SPLITS, EVALUATION, PEAK_MB, PRIVACY, PRIVACY_METRICS, TRAIN_LOSS,
     TRAIN_SECONDS, WEIGHT_KEY, declared_name,
 )
 from medfed.common.metrics import SCALARS
@@ -216,6 +216,23 @@ def evaluation_problem(content: RecordDict, *, num_classes: int, cap: int) -> st
         return (f"{WEIGHT_KEY} is {metrics[WEIGHT_KEY]!r}, but val-histogram counts "
                 f"{sum(histograms['val'])} validation examples")
     return None
+
+
+def class_sums_of(reply: Message, *, weight) -> tuple[np.ndarray, np.ndarray]:
+    """A statistics reply's per-class feature sums and counts (for the head's start), shaped as
+    the classifier's `weight`; ValueError saying what is wrong with them otherwise."""
+    record = reply.content.array_records.get(CLASS_SUMS)
+    if record is None or set(record) != {"sums", "counts"}:
+        raise ValueError(f"expected an ArrayRecord '{CLASS_SUMS}' holding 'sums' and 'counts'")
+    sums, counts = record["sums"].numpy(), record["counts"].numpy()
+    classes, dimension = weight.shape
+    if sums.shape != (classes, dimension) or not np.isfinite(sums).all():
+        raise ValueError(f"sums must be {classes} x {dimension} finite numbers, got "
+                         f"{sums.dtype} {sums.shape}")
+    if (counts.shape != (classes,) or counts.dtype.kind not in "iu" or (counts < 0).any()):
+        raise ValueError(f"counts must be {classes} whole numbers of 0 or more, got "
+                         f"{counts.dtype} {counts.shape}")
+    return sums.astype(np.float64), counts.astype(np.int64)
 
 
 def _score_problem(key: str, value, *, rate: bool) -> str | None:

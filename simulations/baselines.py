@@ -4,7 +4,8 @@ centralized training on the pooled data, each site alone (local), and classical 
 Neural modes get the federated run's recipe and budget: the same stages (the head on cached
 frozen features, then the unfrozen stages), the same local epochs or steps per round, the same
 learning-rate reduction and early stopping on validation loss, keeping the best-validation
-model, so no mode wins by training longer or by choosing its model differently.
+model, and the same head start (class means of their own training features), so no mode wins by
+training longer, starting better or choosing its model differently.
 """
 
 from __future__ import annotations
@@ -22,7 +23,8 @@ from sklearn.svm import SVC
 from torch import nn
 
 from medfed.common import features
-from medfed.common.config import Config
+from medfed.common.config import CLASS_MEANS, Config
+from medfed.common.head_start import HeadStart
 from medfed.common.dataset import LabelledImages
 from medfed.common.inference import evaluate, evaluate_features
 from medfed.common.schedule import HEAD, PlateauSchedule, Stages, selection_score
@@ -51,6 +53,19 @@ def train_epochs(model: nn.Module, train: LabelledImages, val: LabelledImages, *
     budget = dataclasses.replace(config.train, local_steps=None if steps is None else steps * sites)
     head = features.classifier(model)
     cached = frozen or {}
+
+    def frozen_features() -> dict[str, tuple[np.ndarray, np.ndarray]]:
+        return cached or {name: features.site_features(model, data, config=config,
+                                                       train=name == "train", cache_dir=None,
+                                                       device=device)
+                          for name, data in (("train", train), ("val", val))}
+
+    center = None
+    if stages.head_rounds and config.federation.head_start == CLASS_MEANS:
+        cached = frozen_features()
+        start = HeadStart.of_features(*cached["train"], num_classes=head.weight.shape[0])
+        start.initialize(head)
+        center = start.center
     best, kept = _state(model), 0
     history = []
     stage = stages.of(1)
@@ -61,13 +76,9 @@ def train_epochs(model: nn.Module, train: LabelledImages, val: LabelledImages, *
             schedule.restart(stages.start_lr(stage))
         round_seed = seed * 1_009 + server_round
         if stage == HEAD:
-            if not cached:
-                cached = {name: features.site_features(model, data, config=config,
-                                                       train=name == "train", cache_dir=None,
-                                                       device=device)
-                          for name, data in (("train", train), ("val", val))}
+            cached = frozen_features()
             loss = train_head(head, *cached["train"], config=budget, lr=schedule.lr,
-                              proximal_mu=0.0, device=device, seed=round_seed).loss
+                              proximal_mu=0.0, device=device, seed=round_seed, center=center).loss
             result = evaluate_features(head, *cached["val"], batch_size=config.train.batch_size,
                                        device=device)
         else:
