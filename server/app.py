@@ -201,6 +201,7 @@ def run_server(
                "head_payload_bytes": head_payload, "head_rounds": stages.head_rounds,
                "head_start": config.federation.head_start,
                "head_start_bytes": strategy.head_start_bytes,
+               "head_center_bytes": wire.record_bytes(strategy.center_record() or ArrayRecord()),
                "feature_views": config.train.feature_views},
         wall_s=time.perf_counter() - started,
         resumed_from=done or None,

@@ -83,6 +83,10 @@ def build_report(
             "payload_bytes": model["payload_bytes"],
             # What one message carries in the head stage (the classifier alone).
             "head_payload_bytes": model["head_payload_bytes"],
+            # Beside it in every head-stage training message after a start from class means:
+            # the features' center; and the class sums asked for once before round 1.
+            "head_center_bytes": model.get("head_center_bytes", 0),
+            "head_start_bytes": model.get("head_start_bytes", {"up": 0, "down": 0}),
             "bytes_up_per_round": _per_round(rounds, "bytes_up"),
             "bytes_down_per_round": _per_round(rounds, "bytes_down"),
         },

@@ -206,9 +206,9 @@ class MedfedStrategy(Strategy):
         self.record(server_round)
         messages = list(self.strategy.configure_train(server_round, sent,
                                                       self._config(config, stage), grid))
-        if self.center is None or stage != HEAD:
+        center = self.center_record()
+        if center is None or stage != HEAD:
             return self._note_sent(messages, sent)
-        center = ArrayRecord({"center": Array(self.center)})
         for message in messages:
             message.content[HEAD_CENTER] = center
         return self._note_sent(messages, sent, center)
@@ -396,6 +396,11 @@ class MedfedStrategy(Strategy):
                  f"{len(sums)} sites")
         return ArrayRecord({**arrays, weight: Array(layer.weight.detach().numpy()),
                             bias: Array(layer.bias.detach().numpy())})
+
+    def center_record(self) -> ArrayRecord | None:
+        """What head-stage training messages carry beside the head once it started from class
+        means: the features' center over all sites."""
+        return None if self.center is None else ArrayRecord({"center": Array(self.center)})
 
     def _head_weight(self) -> str:
         """The classifier's weight key; the head start needs a linear classifier."""

@@ -94,10 +94,15 @@ def test_report_contract(finished_run, medmnist_dir):
         for r in comm[direction]:
             assert set(r["sites"]) == set(sites)
     # One message per site and round: round 1 (the head stage) carries the classifier alone both
-    # ways, round 2 (fine-tuning) the trainable part, plus, down, the last round's evaluation.
+    # ways (and down the features' center for the head's start from class means), round 2
+    # (fine-tuning) the trainable part, plus, down, the last round's evaluation.
     up = {r["round"]: set(r["sites"].values()) for r in comm["bytes_up_per_round"]}
     down = {r["round"]: set(r["sites"].values()) for r in comm["bytes_down_per_round"]}
-    assert up[1] == down[1] == {comm["head_payload_bytes"]}
+    assert up[1] == {comm["head_payload_bytes"]}
+    assert down[1] == {comm["head_payload_bytes"] + comm["head_center_bytes"]}
+    # The center is one feature vector: half the two-class head's weights.
+    assert 0.4 * comm["head_payload_bytes"] < comm["head_center_bytes"] < comm["head_payload_bytes"]
+    assert comm["head_start_bytes"]["up"] > 0 and comm["head_start_bytes"]["down"] > 0
     assert up[2] == {comm["payload_bytes"]} and down[2] == {2 * comm["payload_bytes"]}
     assert comm["head_payload_bytes"] < comm["payload_bytes"] / 10
     # Only the trainable part travels: well under the full float32 model.
