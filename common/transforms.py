@@ -6,10 +6,7 @@ albumentations augmentation at training time only. Random ranges live inside the
 
 from __future__ import annotations
 
-import albumentations as A
 import cv2
-from albumentations.pytorch import ToTensorV2
-from timm.data import resolve_model_data_config
 from torch import nn
 
 from medfed.common.config import DataConfig
@@ -17,6 +14,12 @@ from medfed.common.config import DataConfig
 
 def build_transform(model: nn.Module, data: DataConfig, *, train: bool, seed: int | None = None):
     """The one preprocessing path of training and evaluation; `train` adds augmentation."""
+    # Imported here: timm (with the torchvision it loads) and albumentations take 3 s to import,
+    # and a site's messages on cached features need no transform.
+    import albumentations as A
+    from albumentations.pytorch import ToTensorV2
+    from timm.data import resolve_model_data_config
+
     data_config = resolve_model_data_config(model)
     size = data.image_size
     steps = [A.Resize(size, size, interpolation=cv2.INTER_LINEAR)]

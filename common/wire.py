@@ -11,14 +11,21 @@ it is an int64 counter that averaging would corrupt and that momentum-based Batc
 
 from __future__ import annotations
 
+import torch
 from flwr.app import ArrayRecord
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from medfed.common.model import classifier_keys
 from medfed.common.schedule import FINETUNE, HEAD
 
 BN_STATISTICS = ("running_mean", "running_var")
+
+
+def classifier_keys(model: nn.Module) -> set[str]:
+    """State-dict keys of the classifier (timm's `get_classifier()`), wherever the model keeps it."""
+    head = model.get_classifier()
+    return {f"{name}.{key}" for name, module in model.named_modules() if module is head
+            for key in module.state_dict()}
 
 
 def _trainable_batchnorms(model: nn.Module) -> dict[str, _BatchNorm]:
@@ -73,6 +80,39 @@ def load_record(model: nn.Module, record: ArrayRecord, *, keys: list[str]) -> No
             f"(missing e.g. {missing}, unexpected e.g. {extra}); server and site configs differ"
         )
     model.load_state_dict(record.to_torch_state_dict(), strict=False)
+
+
+def linear_keys(keys) -> tuple[str, str] | None:
+    """(weight key, bias key) when `keys` are a linear layer's two, else None."""
+    keys = list(keys)
+    weights = [k for k in keys if k.endswith(".weight")]
+    if len(keys) != 2 or len(weights) != 1:
+        return None
+    bias = weights[0].removesuffix("weight") + "bias"
+    return (weights[0], bias) if bias in keys else None
+
+
+def linear_classifier(record: ArrayRecord, *, num_classes: int) -> nn.Linear | None:
+    """The classifier a head-stage record holds, as a linear layer of its own, when it is one (a
+    weight of `num_classes` rows and their biases); None when the record holds anything else."""
+    keys = linear_keys(record.keys())
+    if keys is None:
+        return None
+    weight, bias = (record[k].numpy() for k in keys)
+    if weight.ndim != 2 or weight.shape[0] != num_classes or bias.shape != (num_classes,):
+        return None
+    layer = nn.Linear(weight.shape[1], num_classes)
+    with torch.no_grad():
+        layer.weight.copy_(torch.from_numpy(weight))
+        layer.bias.copy_(torch.from_numpy(bias))
+    return layer
+
+
+def linear_record(layer: nn.Linear, *, keys: list[str]) -> ArrayRecord:
+    """A linear classifier's record under its keys in the model (`keys`, in their order)."""
+    weight, _ = linear_keys(keys)
+    return ArrayRecord({k: (layer.weight if k == weight else layer.bias).detach().cpu()
+                        for k in keys})
 
 
 def record_bytes(record: ArrayRecord) -> int:

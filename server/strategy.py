@@ -48,7 +48,7 @@ from medfed.common.messages import (
     CLASS_SUMS, HEAD_CENTER, STATISTICS, COMPUTE_SECONDS, EVALUATION, PEAK_MB, PRIVACY, TRAIN_LOSS, TRAIN_SECONDS, WEIGHT_KEY,
 )
 from medfed.common.schedule import HEAD, PlateauSchedule, Stages
-from medfed.common.wire import record_bytes
+from medfed.common.wire import linear_keys, record_bytes
 from medfed.server.aggregation import (
     fit_to_replies, load_optimizer_state, optimizer_finite, optimizer_state, restart_optimizer,
     selected, unwrapped,
@@ -366,6 +366,7 @@ class MedfedStrategy(Strategy):
         """`arrays` with the classifier set to the nearest-class-mean rule of all sites' training
         features (common/head_start.py): every site evaluates `arrays` once (round 0) and
         answers with its per-class feature sums. Later head-stage messages carry the center."""
+        weight, bias = self._head_keys()
         progress("head start: asking every site for its per-class sums of frozen features")
         messages = self._evaluation_messages(0, arrays, ConfigRecord({STATISTICS: True}), grid,
                                              stage=HEAD)
@@ -374,7 +375,7 @@ class MedfedStrategy(Strategy):
         sums, counts = [], []
         for reply in self._sorted(replies):
             try:
-                site_sums, site_counts = class_sums_of(reply, weight=arrays[self._head_weight()].numpy())
+                site_sums, site_counts = class_sums_of(reply, weight=arrays[weight].numpy())
             except ValueError as exc:
                 record.failures.append(f"{self._name(reply)}: head start: {exc}")
                 continue
@@ -389,7 +390,6 @@ class MedfedStrategy(Strategy):
                               f"start from timm's head with --set federation.head_start=none")
         start = HeadStart.of_sums(np.sum(sums, axis=0), np.sum(counts, axis=0))
         self.center = start.center
-        weight, bias = self._head_weight(), self._head_weight().replace("weight", "bias")
         layer = nn.Linear(*reversed(arrays[weight].numpy().shape))
         start.initialize(layer)
         progress(f"head start: class means of {int(np.sum(counts)):,} training examples at "
@@ -402,15 +402,14 @@ class MedfedStrategy(Strategy):
         means: the features' center over all sites."""
         return None if self.center is None else ArrayRecord({"center": Array(self.center)})
 
-    def _head_weight(self) -> str:
-        """The classifier's weight key; the head start needs a linear classifier."""
-        keys = self.stage_keys[HEAD]
-        weights = [k for k in keys if k.endswith(".weight")]
-        if len(keys) != 2 or len(weights) != 1 or weights[0].replace("weight", "bias") not in keys:
+    def _head_keys(self) -> tuple[str, str]:
+        """The classifier's weight and bias keys; the head start needs a linear classifier."""
+        keys = linear_keys(self.stage_keys[HEAD])
+        if keys is None:
             raise MedfedError(f"federation.head_start=class-means needs a linear classifier "
-                              f"(a weight and a bias), but this backbone's head holds {keys}; "
-                              f"use --set federation.head_start=none")
-        return weights[0]
+                              f"(a weight and a bias), but this backbone's head holds "
+                              f"{self.stage_keys[HEAD]}; use --set federation.head_start=none")
+        return keys
 
     def evaluate_final(self, grid: Grid, arrays: ArrayRecord, *, timeout: float) -> RoundRecord:
         """Every site evaluates the chosen global model on its own splits."""

@@ -230,7 +230,7 @@ class FrozenFeatures:
         self.dirs = {site: state_dir({}, sites_dir / f"{simulated_site_name(i)}.npz") / "features"
                      for i, site in enumerate(prepared.sites)}
         self.dirs["global"] = sites_dir / "global-state" / "features"
-        self.frozen = features.FrozenLayers(self.model, config=config, device=device)
+        self.frozen = features.FrozenLayers(lambda: self.model, config=config, device=device)
 
     def plain(self) -> FrozenFeatures:
         """The same sites' features of the plain images only (no augmented views)."""

@@ -197,13 +197,16 @@ def test_a_killed_process_leaves_nothing_that_is_used_and_its_leftovers_are_remo
     assert not abandoned.exists() and busy.exists()  # another process may still be writing it
 
 
-def test_the_site_app_decodes_at_its_first_message_only(tmp_path, decodes, medmnist_dir):
+def test_the_site_app_decodes_and_builds_its_model_at_its_first_message_only(
+        tmp_path, decodes, medmnist_dir, monkeypatch):
     """Two training messages to medfed's real ClientApp, each as in a fresh process (nothing kept
-    in memory between them), on a folder of real BreastMNIST images."""
+    in memory between them), on a folder of real BreastMNIST images: the second decodes no
+    image and builds no model (the head trains on the cached features as received), and it
+    answers exactly as a site that builds the model does."""
     from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict
     from flwr.supercore.task_identity import TaskIdentity
 
-    from medfed.client.app import app as client_app
+    import medfed.client.app as client_module
     from medfed.client.site_data import load_site
     from medfed.common import messages, wire
     from medfed.common.config import Config
@@ -225,23 +228,58 @@ def test_the_site_app_decodes_at_its_first_message_only(tmp_path, decodes, medmn
     context = Context(run_id=1, node_id=1, state=RecordDict(), run_config={},
                       node_config={"site": "hospital-a", "data-path": str(tmp_path / "breast"),
                                    "state-dir": str(tmp_path / "state")})
-    for server_round in (1, 2):
-        load_site.cache_clear()  # a fresh ClientApp process remembers nothing
+    built = []
+    monkeypatch.setattr(client_module, "build_model",
+                        lambda *args, **kwargs: built.append(1) or build_model(*args, **kwargs))
+
+    def message(server_round: int):
+        # A fresh ClientApp process remembers nothing: no decoded site, no model template.
+        load_site.cache_clear()
+        client_module._template.cache_clear()
         sent = messages.with_round_values(
             ConfigRecord(), {**messages.round_config(config, classes=list(CLASSES), study="s"),
                              "server-round": server_round}, lr=1e-3, stage=HEAD)
-        reply = client_app(Message(content=RecordDict({messages.ARRAYS: wire.to_record(model, keys),
-                                                       messages.CONFIG: sent}),
-                                   dst_node_id=1, message_type=MessageType.TRAIN), context)
-        assert not reply.has_error()
-        assert decodes["files"] == 90  # the first message decoded every file, the second none
-        features = sorted((tmp_path / "state" / "features").iterdir())
-        if server_round == 1:
-            first_features = features
+        reply = client_module.app(
+            Message(content=RecordDict({messages.ARRAYS: wire.to_record(model, keys),
+                                        messages.CONFIG: sent}),
+                    dst_node_id=1, message_type=MessageType.TRAIN), context)
+        assert not reply.has_error(), reply.error.reason if reply.has_error() else ""
+        return reply
+
+    message(1)
+    assert decodes["files"] == 90 and len(built) == 1  # the first message decoded and built
+    first_features = sorted((tmp_path / "state" / "features").glob("features-*.npy"))
+    reply = message(2)
+    assert decodes["files"] == 90 and len(built) == 1  # the second one neither
     # The second message found the first one's frozen features under the same names.
-    assert features == first_features and len(features) == 3
+    assert sorted((tmp_path / "state" / "features").glob("features-*.npy")) == first_features
+    assert len(first_features) == 3
     assert reply.content["metrics"][messages.WEIGHT_KEY] == len(
         image_cache._open(next((tmp_path / "state" / "images").iterdir()))["train"])
+
+    # A site that trains the model's own classifier (as for a head that is not one linear
+    # layer) sends the same update and evaluation.
+    monkeypatch.setattr(wire, "linear_classifier", lambda record, num_classes: None)
+    built_reply = message(2)
+    assert len(built) == 2
+    for key in keys:
+        np.testing.assert_array_equal(reply.content["arrays"][key].numpy(),
+                                      built_reply.content["arrays"][key].numpy())
+    assert list(reply.content["arrays"].keys()) == list(built_reply.content["arrays"].keys()) == keys
+    assert dict(reply.content["evaluation"]) == dict(built_reply.content["evaluation"])
+
+
+def test_a_site_process_for_cached_features_does_not_import_timm():
+    """What spares a later message 2 s: the site app's module loads no timm, albumentations or
+    Opacus (each is imported where it is used)."""
+    import subprocess
+    import sys
+
+    loaded = subprocess.run(
+        [sys.executable, "-c", "import sys, medfed.client.app; print(sorted(m for m in "
+         "('timm', 'torchvision', 'albumentations', 'opacus') if m in sys.modules))"],
+        capture_output=True, text=True, check=True).stdout.strip()
+    assert loaded == "[]"
 
 
 def test_images_on_disk_read_like_the_array_they_hold(tmp_path):

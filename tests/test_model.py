@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import timm
 import torch
 from torch.nn.modules.batchnorm import _BatchNorm
 
-import medfed.common.model as model_module
 from medfed.common.training import train_local
 from medfed.common import wire
 from medfed.common.config import DataConfig, ModelConfig, TrainConfig
@@ -215,7 +215,7 @@ def test_imagenet_build_replaces_head():
 # --- (e) hub weights unreachable ---------------------------------------------------------------
 
 def test_hub_failure_is_a_medfed_error(monkeypatch):
-    real_create = model_module.timm.create_model
+    real_create = timm.create_model
     calls = []
 
     def offline_create(name, pretrained=False, **kwargs):
@@ -224,7 +224,7 @@ def test_hub_failure_is_a_medfed_error(monkeypatch):
             raise OSError("We couldn't connect to 'https://huggingface.co'\nmore detail")
         return real_create(name, pretrained=pretrained, **kwargs)
 
-    monkeypatch.setattr(model_module.timm, "create_model", offline_create)
+    monkeypatch.setattr(timm, "create_model", offline_create)
     with pytest.raises(MedfedError) as info:
         build_model(ModelConfig(backbone="resnet18", weights="imagenet"), num_classes=2, seed=0)
     message = str(info.value)
