@@ -120,10 +120,11 @@ class _Site:
     def head_features(self, split: str) -> tuple[np.ndarray, np.ndarray]:
         """A split's cached features, checked against the classifier that will read them."""
         values, labels = self.features(split)
-        if values.shape[1] != self.classifier.in_features:
-            raise ValueError(f"the received classifier takes {self.classifier.in_features} "
-                             f"inputs, but this site's frozen features have {values.shape[1]}; "
-                             f"the server's and this site's configs differ")
+        linear = self.received_linear  # (the model's own classifier was checked on loading)
+        if linear is not None and values.shape[1] != linear.in_features:
+            raise ValueError(f"the received classifier takes {linear.in_features} inputs, but "
+                             f"this site's frozen features have {values.shape[1]}; the server's "
+                             f"and this site's configs differ")
         return values, labels
 
     def features(self, split: str) -> tuple[np.ndarray, np.ndarray]:

@@ -9,7 +9,7 @@ classifier always travels and is saved in raw coordinates (its bias folded with 
 evaluation, the saved model and the fine-tune stage see a plain linear layer; only training runs
 in centered coordinates. Measured on BreastMNIST (docs/BENCHMARKS.md): the start without centered
 training, or centered training from timm's random start, gains little; the two together lift the
-federated AUC of the skewed seeds from 0.84 to about 0.89.
+federated AUC over three seeds from 0.855 to 0.897.
 """
 
 from __future__ import annotations

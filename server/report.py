@@ -85,8 +85,8 @@ def build_report(
             "head_payload_bytes": model["head_payload_bytes"],
             # Beside it in every head-stage training message after a start from class means:
             # the features' center; and the class sums asked for once before round 1.
-            "head_center_bytes": model.get("head_center_bytes", 0),
-            "head_start_bytes": model.get("head_start_bytes", {"up": 0, "down": 0}),
+            "head_center_bytes": model["head_center_bytes"],
+            "head_start_bytes": model["head_start_bytes"],
             "bytes_up_per_round": _per_round(rounds, "bytes_up"),
             "bytes_down_per_round": _per_round(rounds, "bytes_down"),
         },
@@ -292,7 +292,19 @@ def _communication_text(comm: dict) -> str:
     return (f"Trainable parameters {comm['trainable_params']:,} of {comm['total_params']:,} "
             f"({comm['exchanged_tensors']} tensors, {comm['payload_bytes'] / 1e6:.2f} MB per model "
             f"payload). Per round, all sites together: {np.mean(up) / 1e6 if up else 0:.2f} MB up, "
-            f"{np.mean(down) / 1e6 if down else 0:.2f} MB down (train and evaluation messages).")
+            f"{np.mean(down) / 1e6 if down else 0:.2f} MB down (train and evaluation messages)."
+            + _head_start_text(comm))
+
+
+def _head_start_text(comm: dict) -> str:
+    start = comm["head_start_bytes"]
+    if not start["up"]:
+        return ""
+    return (f" The head started from class means: once before round 1 the sites sent their "
+            f"per-class sums of frozen features ({start['up'] / 1e3:.1f} kB up, "
+            f"{start['down'] / 1e3:.1f} kB down, all sites together), and each head-stage "
+            f"training message carried the features' center ({comm['head_center_bytes'] / 1e3:.1f} "
+            f"kB).")
 
 
 def _privacy_tables(spends: dict[str, dict]) -> list[Table]:

@@ -329,8 +329,10 @@ def _federated_history(report: dict) -> list[dict]:
 
 
 def _bytes(report: dict) -> dict:
+    """A run's bytes each way: every round's, and the head start's request for class sums."""
     comm = report["communication"]
-    return {direction: int(sum(sum(r["sites"].values()) for r in comm[f"bytes_{direction}_per_round"]))
+    return {direction: int(sum(sum(r["sites"].values()) for r in comm[f"bytes_{direction}_per_round"])
+                           + comm["head_start_bytes"][direction])
             for direction in ("up", "down")}
 
 

@@ -819,7 +819,8 @@ def test_evaluation_replies_are_kept_or_rejected_and_the_report_reads_what_was_k
         early_stopping={"stopped_at": None, "best_round": 1, "best_val_loss": None},
         model={"backbone": "b", "weights": "none", "freeze": "3", "trainable_params": 1,
                "total_params": 1, "exchanged_tensors": 1, "payload_bytes": 4,
-               "head_payload_bytes": 4},
+               "head_payload_bytes": 4, "head_center_bytes": 0,
+               "head_start_bytes": {"up": 0, "down": 0}},
         wall_s=1.0,
     )
     json.dumps(report, allow_nan=False)

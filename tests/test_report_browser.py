@@ -71,7 +71,8 @@ def deployment(tmp_path_factory):
         early_stopping={"stopped_at": None, "best_round": 3, "best_val_loss": math.nan},
         model={"backbone": "b", "weights": "none", "freeze": "3", "trainable_params": 1,
                "total_params": 1, "exchanged_tensors": 1, "payload_bytes": 4,
-               "head_payload_bytes": 4},
+               "head_payload_bytes": 4, "head_center_bytes": 0,
+               "head_start_bytes": {"up": 0, "down": 0}},
         wall_s=12.0,
     )
     run_dir = tmp_path_factory.mktemp("deployment")

@@ -461,7 +461,8 @@ def test_rejections_show_in_progress_and_report():
         early_stopping={"stopped_at": None, "best_round": 1, "best_val_loss": math.nan},
         model={"backbone": "b", "weights": "none", "freeze": "3", "trainable_params": 1,
                "total_params": 1, "exchanged_tensors": 1, "payload_bytes": 4,
-               "head_payload_bytes": 4},
+               "head_payload_bytes": 4, "head_center_bytes": 0,
+               "head_start_bytes": {"up": 0, "down": 0}},
         wall_s=1.0,
     )
     assert report["rounds"][0]["rejected"] == record.rejected
