@@ -393,7 +393,8 @@ class MedfedStrategy(Strategy):
         layer = nn.Linear(*reversed(arrays[weight].numpy().shape))
         start.initialize(layer)
         progress(f"head start: class means of {int(np.sum(counts)):,} training examples at "
-                 f"{len(sums)} sites")
+                 f"{len(sums)} sites" + (f"; left out: {'; '.join(record.failures)}"
+                                         if record.failures else ""))
         return ArrayRecord({**arrays, weight: Array(layer.weight.detach().numpy()),
                             bias: Array(layer.bias.detach().numpy())})
 

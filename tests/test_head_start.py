@@ -223,10 +223,12 @@ def test_the_server_starts_the_head_from_every_sites_class_sums():
 
 def test_a_site_with_bad_sums_is_named_and_left_out():
     medfed = strategy()
+    lines = []
     medfed.start_head(LocalGrid(statistics_app(broken="b")), START, timeout=60,
-                      progress=lambda line: None)
+                      progress=lines.append)
     (failure,) = medfed.rounds[0].failures
     assert failure.startswith("b: head start: sums must be 2 x 5 finite numbers")
+    assert "at 2 sites; left out: b: head start: sums must be" in lines[-1]
     good = [site_features(s) for s in ("a", "c")]
     expected = np.concatenate([g[0] for g in good]).mean(axis=0)
     np.testing.assert_allclose(medfed.center, expected, rtol=1e-5)
