@@ -104,11 +104,9 @@ class _Site:
 
     def class_sums(self) -> ArrayRecord:
         """Its per-class sums of training features and their counts, for the head's start."""
-        values, labels = self.features("train")
-        counts = np.bincount(labels.astype(np.int64), minlength=self.received.num_classes)
-        return ArrayRecord({"sums": Array(head_start.class_sums(
-                                values, labels, num_classes=self.received.num_classes)),
-                            "counts": Array(counts.astype(np.int64))})
+        sums, counts = head_start.class_sums(*self.features("train"),
+                                             num_classes=self.received.num_classes)
+        return ArrayRecord({"sums": Array(sums), "counts": Array(counts)})
 
     def update(self) -> ArrayRecord:
         """The arrays the site sends back: the stage's keys, in the order received."""
@@ -194,8 +192,10 @@ def train(message: Message, context: Context) -> Message:
     if ledger is not None:
         ledger.record(trained.releases)
         spend = {PRIVACY: messages.privacy_metrics(ledger.metrics())}
-    # With BatchNorm averaged (the default) a site keeps nothing of its own between rounds.
-    local = [] if site.config.model.bn == "avg" else wire.local_keys(site.model, bn=site.config.model.bn)
+    # With BatchNorm averaged (the default) a site keeps nothing of its own between rounds, and
+    # asking the model which tensors it keeps would build it.
+    bn = site.config.model.bn
+    local = [] if bn == "avg" else wire.local_keys(site.model, bn=bn)
     if local:
         context.state[messages.LOCAL_STATE] = wire.to_record(site.model, local)
     return site.reply(message, **{

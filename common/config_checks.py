@@ -9,9 +9,9 @@ import copy
 from typing import Any
 
 from medfed.common.config import (
-    ATTACKS, BN_POLICIES, BYZANTINE_MINIMUM, CLASS_MEANS, DEVICES, HEAD_STARTS, DP_MODES, EQUALIZERS, MAX_SEED, MEAN_STRATEGIES,
-    MEDMNIST_RESOLUTIONS, MODES, OPTIMIZERS, PARTITIONS, SECAGG_MIN_SITES, SELECTIONS, STRATEGIES,
-    Config,
+    ATTACKS, BN_POLICIES, BYZANTINE_MINIMUM, CLASS_MEANS, DEVICES, DP_MODES, EQUALIZERS,
+    HEAD_STARTS, MAX_SEED, MEAN_STRATEGIES, MEDMNIST_RESOLUTIONS, MODES, OPTIMIZERS, PARTITIONS,
+    SECAGG_MIN_SITES, SELECTIONS, STRATEGIES, Config,
 )
 from medfed.common.errors import MedfedError
 from medfed.common.medmnist_catalogue import DATASETS
@@ -81,7 +81,8 @@ def validate(config: Config) -> Config:
            "features learns nothing; use --freeze 0 --head-rounds 0 to train from scratch")
     _check(f.head_start is None or f.head_start in HEAD_STARTS, "federation.head_start",
            f.head_start, ", ".join(HEAD_STARTS))
-    _check(not (f.head_start == CLASS_MEANS and (config.privacy.dp != "none" or config.privacy.secagg)),
+    private = config.privacy.dp != "none" or config.privacy.secagg
+    _check(not (f.head_start == CLASS_MEANS and private),
            "federation.head_start", f.head_start,
            "none under DP or secure aggregation: each site's class sums of features would reach "
            "the server unprotected")

@@ -122,7 +122,9 @@ class FrozenLayers:
     def _frozen_weights(self, cache_dir: Path | None) -> bytes:
         if self._digest is not None:
             return self._digest
-        memo = None if cache_dir is None else cache_dir / f"weights-{weights_source(self.config)}.sha256"
+        memo = None
+        if cache_dir is not None:
+            memo = cache_dir / f"weights-{weights_source(self.config)}.sha256"
         if memo is not None and memo.is_file():
             self._digest = bytes.fromhex(memo.read_text().strip())
             return self._digest

@@ -21,12 +21,15 @@ import numpy as np
 import torch
 from torch import nn
 
-def class_sums(features: np.ndarray, labels: np.ndarray, *, num_classes: int) -> np.ndarray:
+
+def class_sums(features: np.ndarray, labels: np.ndarray, *,
+               num_classes: int) -> tuple[np.ndarray, np.ndarray]:
     """Each class's sum of the training features, (classes, feature dimension), in float64 so
-    that summing over sites loses nothing."""
+    that summing over sites loses nothing, and each class's count."""
+    labels = labels.astype(np.int64)
     sums = np.zeros((num_classes, features.shape[1]), dtype=np.float64)
-    np.add.at(sums, labels.astype(np.int64), features.astype(np.float64))
-    return sums
+    np.add.at(sums, labels, features.astype(np.float64))
+    return sums, np.bincount(labels, minlength=num_classes)
 
 
 @dataclass(frozen=True)
@@ -50,8 +53,7 @@ class HeadStart:
     def of_features(cls, features: np.ndarray, labels: np.ndarray, *,
                     num_classes: int) -> HeadStart:
         """The start from one party's own features (the centralized and local baselines)."""
-        counts = np.bincount(labels.astype(np.int64), minlength=num_classes)
-        return cls.of_sums(class_sums(features, labels, num_classes=num_classes), counts)
+        return cls.of_sums(*class_sums(features, labels, num_classes=num_classes))
 
     def initialize(self, classifier: nn.Linear) -> None:
         """Set the classifier, in place and in raw coordinates, to the nearest-class-mean rule."""

@@ -15,8 +15,8 @@ beyond the arrays themselves (common/wire.py), with the one builder and the one 
   (epsilon, delta, noise multiplier, clipping norm, sample rate, steps, budget).
 * The head's start from class means (common/head_start.py): before round 1 the server asks every
   site once for an evaluation with `statistics` set in the round config, answered with the
-  site's per-class sums of training features (record `class-sums`, its counts being the
-  evaluation's train histogram); from then on every head-stage training message carries the
+  site's per-class sums of training features and their counts (record `class-sums`: `sums`,
+  `counts`); from then on every head-stage training message carries the
   features' center over all sites (record `head-center`).
 * The key under which a site keeps its never-sent state between rounds in Flower's Context.
 * Under secure aggregation (`--secagg`), the names of the arrays Flower's legacy fit instruction

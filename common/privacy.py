@@ -21,7 +21,6 @@ import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-
 from medfed.common.config import Config
 from medfed.common.errors import MedfedError
 from medfed.common.files import write_bytes_atomic

@@ -39,16 +39,16 @@ import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
-from torch import nn
 
-from medfed.common import messages
+from medfed.common import messages, wire
 from medfed.common.errors import MedfedError
 from medfed.common.head_start import HeadStart
 from medfed.common.messages import (
-    CLASS_SUMS, HEAD_CENTER, STATISTICS, COMPUTE_SECONDS, EVALUATION, PEAK_MB, PRIVACY, TRAIN_LOSS, TRAIN_SECONDS, WEIGHT_KEY,
+    CLASS_SUMS, COMPUTE_SECONDS, EVALUATION, HEAD_CENTER, PEAK_MB, PRIVACY, STATISTICS,
+    TRAIN_LOSS, TRAIN_SECONDS, WEIGHT_KEY,
 )
 from medfed.common.schedule import HEAD, PlateauSchedule, Stages
-from medfed.common.wire import linear_keys, record_bytes
+from medfed.common.wire import record_bytes
 from medfed.server.aggregation import (
     fit_to_replies, load_optimizer_state, optimizer_finite, optimizer_state, restart_optimizer,
     selected, unwrapped,
@@ -366,7 +366,12 @@ class MedfedStrategy(Strategy):
         """`arrays` with the classifier set to the nearest-class-mean rule of all sites' training
         features (common/head_start.py): every site evaluates `arrays` once (round 0) and
         answers with its per-class feature sums. Later head-stage messages carry the center."""
-        weight, bias = self._head_keys()
+        head = wire.linear_classifier(self._stage_arrays(arrays, HEAD),
+                                      num_classes=len(self.round_config["classes"]))
+        if head is None:
+            raise MedfedError(f"federation.head_start=class-means needs a linear classifier "
+                              f"(a weight and a bias), but this backbone's head holds "
+                              f"{self.stage_keys[HEAD]}; use --set federation.head_start=none")
         progress("head start: asking every site for its per-class sums of frozen features")
         messages = self._evaluation_messages(0, arrays, ConfigRecord({STATISTICS: True}), grid,
                                              stage=HEAD)
@@ -375,7 +380,7 @@ class MedfedStrategy(Strategy):
         sums, counts = [], []
         for reply in self._sorted(replies):
             try:
-                site_sums, site_counts = class_sums_of(reply, weight=arrays[weight].numpy())
+                site_sums, site_counts = class_sums_of(reply, shape=tuple(head.weight.shape))
             except ValueError as exc:
                 record.failures.append(f"{self._name(reply)}: head start: {exc}")
                 continue
@@ -390,27 +395,16 @@ class MedfedStrategy(Strategy):
                               f"start from timm's head with --set federation.head_start=none")
         start = HeadStart.of_sums(np.sum(sums, axis=0), np.sum(counts, axis=0))
         self.center = start.center
-        layer = nn.Linear(*reversed(arrays[weight].numpy().shape))
-        start.initialize(layer)
+        start.initialize(head)
         progress(f"head start: class means of {int(np.sum(counts)):,} training examples at "
                  f"{len(sums)} sites" + (f"; left out: {'; '.join(record.failures)}"
                                          if record.failures else ""))
-        return ArrayRecord({**arrays, weight: Array(layer.weight.detach().numpy()),
-                            bias: Array(layer.bias.detach().numpy())})
+        return ArrayRecord({**arrays, **wire.linear_record(head, keys=self.stage_keys[HEAD])})
 
     def center_record(self) -> ArrayRecord | None:
         """What head-stage training messages carry beside the head once it started from class
         means: the features' center over all sites."""
         return None if self.center is None else ArrayRecord({"center": Array(self.center)})
-
-    def _head_keys(self) -> tuple[str, str]:
-        """The classifier's weight and bias keys; the head start needs a linear classifier."""
-        keys = linear_keys(self.stage_keys[HEAD])
-        if keys is None:
-            raise MedfedError(f"federation.head_start=class-means needs a linear classifier "
-                              f"(a weight and a bias), but this backbone's head holds "
-                              f"{self.stage_keys[HEAD]}; use --set federation.head_start=none")
-        return keys
 
     def evaluate_final(self, grid: Grid, arrays: ArrayRecord, *, timeout: float) -> RoundRecord:
         """Every site evaluates the chosen global model on its own splits."""

@@ -218,14 +218,15 @@ def evaluation_problem(content: RecordDict, *, num_classes: int, cap: int) -> st
     return None
 
 
-def class_sums_of(reply: Message, *, weight) -> tuple[np.ndarray, np.ndarray]:
-    """A statistics reply's per-class feature sums and counts (for the head's start), shaped as
-    the classifier's `weight`; ValueError saying what is wrong with them otherwise."""
+def class_sums_of(reply: Message, *, shape: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
+    """A statistics reply's per-class feature sums and counts (for the head's start), the sums
+    of `shape` (classes, features), as the classifier's weight; ValueError saying what is wrong
+    with them otherwise."""
     record = reply.content.array_records.get(CLASS_SUMS)
     if record is None or set(record) != {"sums", "counts"}:
         raise ValueError(f"expected an ArrayRecord '{CLASS_SUMS}' holding 'sums' and 'counts'")
     sums, counts = record["sums"].numpy(), record["counts"].numpy()
-    classes, dimension = weight.shape
+    classes, dimension = shape
     if sums.shape != (classes, dimension) or not np.isfinite(sums).all():
         raise ValueError(f"sums must be {classes} x {dimension} finite numbers, got "
                          f"{sums.dtype} {sums.shape}")

@@ -50,8 +50,9 @@ def test_the_start_is_the_nearest_class_mean_rule():
 def test_sums_over_sites_give_the_pooled_start():
     x, y = clustered(1)
     parts = np.array_split(np.arange(len(y)), [20, 75])
-    sums = sum(class_sums(x[i], y[i], num_classes=3) for i in parts)
-    counts = sum(np.bincount(y[i], minlength=3) for i in parts)
+    sums = sum(class_sums(x[i], y[i], num_classes=3)[0] for i in parts)
+    counts = sum(class_sums(x[i], y[i], num_classes=3)[1] for i in parts)
+    np.testing.assert_array_equal(counts, np.bincount(y, minlength=3))
     federated, pooled = HeadStart.of_sums(sums, counts), HeadStart.of_features(x, y, num_classes=3)
     np.testing.assert_allclose(federated.center, pooled.center, rtol=1e-6)
     np.testing.assert_allclose(federated.center, x.mean(axis=0), rtol=1e-5)
@@ -60,7 +61,7 @@ def test_sums_over_sites_give_the_pooled_start():
 
 def test_a_class_no_site_holds_gets_a_zero_row():
     x, y = clustered(2, classes=2)
-    start = HeadStart.of_sums(class_sums(x, y, num_classes=3), np.bincount(y, minlength=3))
+    start = HeadStart.of_sums(*class_sums(x, y, num_classes=3))
     np.testing.assert_array_equal(start.means[2], start.center)
     with pytest.raises(ValueError, match="no training examples"):
         HeadStart.of_sums(np.zeros((2, 4)), np.zeros(2))
@@ -160,9 +161,9 @@ def statistics_app(*, broken: str | None = None, without_sums: bool = False) -> 
         site = SITES[message.metadata.dst_node_id]
         x, y = site_features(site)
         assert messages.read_round_config(message).statistics
-        sums = class_sums(x, y, num_classes=2)
+        sums, counts = class_sums(x, y, num_classes=2)
         record = ArrayRecord({"sums": Array(sums[:, :-1] if site == broken else sums),
-                              "counts": Array(np.bincount(y, minlength=2).astype(np.int64))})
+                              "counts": Array(counts)})
         sums = {} if without_sums else {messages.CLASS_SUMS: record}
         return Message(RecordDict({
             messages.METRICS: evaluation_record(train_histogram=np.bincount(y, minlength=2).tolist()),
@@ -251,8 +252,8 @@ def test_class_sums_are_checked(sums, counts, reason):
     reply = Message(RecordDict({messages.CLASS_SUMS: ArrayRecord(
         {"sums": Array(sums), "counts": Array(counts)})}), dst_node_id=1, message_type="evaluate")
     with pytest.raises(ValueError, match=reason):
-        class_sums_of(reply, weight=np.zeros((2, DIM)))
+        class_sums_of(reply, shape=(2, DIM))
     empty = Message(RecordDict({messages.METRICS: MetricRecord({})}), dst_node_id=1,
                     message_type="evaluate")
     with pytest.raises(ValueError, match="expected an ArrayRecord"):
-        class_sums_of(empty, weight=np.zeros((2, DIM)))
+        class_sums_of(empty, shape=(2, DIM))
